@@ -1,0 +1,414 @@
+"""The one spec type: an experiment is one YAML file validated into `Spec`.
+
+A search space is a set of dotted paths into that same spec with a distribution for each, so a
+trial's config is "the base spec with these values set" and the exported best config is a
+complete YAML that `fer-tune train` runs as is.
+
+Everything that can be checked without touching the data is checked here, at load time, and
+reported as one `UserError` line naming the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fer_tune.errors import UserError
+
+OBJECTIVE_METRICS = (
+    "expression_accuracy", "expression_f1", "expression_kappa", "expression_auc_roc", "expression_auc_pr",
+    "valence_rmse", "valence_pcc", "valence_sagr", "valence_ccc",
+    "arousal_rmse", "arousal_pcc", "arousal_sagr", "arousal_ccc",
+)
+"""Validation metrics an objective may weight (names from `fer_tune.metrics.flat_metrics`)."""
+
+SEARCHABLE_SECTIONS = ("data", "model", "train", "augment", "loss")
+"""Sections whose fields a `space:` entry may name; resources and search shape the run, not the model."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticSpec(Strict):
+    n: int = Field(2400, ge=16, description="number of faces")
+    seed: int = 0
+    label_noise: float = Field(0.05, ge=0.0, le=0.5)
+    identities: int = Field(120, ge=1)
+
+
+class SplitSpec(Strict):
+    """Sizes are counts (>= 1) or fractions of the data (< 1)."""
+
+    val: float = Field(0.1, gt=0)
+    test: float = Field(0.1, gt=0)
+    seed: int = 0
+
+    @field_validator("val", "test")
+    @classmethod
+    def _count_or_fraction(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("must be a count (whole number >= 1) or a fraction in (0, 1)")
+        return v
+
+
+class DataSpec(Strict):
+    source: Literal["synthetic", "affectnet", "affectnet-npy", "folder", "csv"] = "synthetic"
+    root: Optional[Path] = None
+    image_size: int = Field(64, ge=16, le=1024)
+    synthetic: SyntheticSpec = SyntheticSpec()
+    split: SplitSpec = SplitSpec()
+    skip_bad: bool = False
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+
+    @model_validator(mode="after")
+    def _root_exists(self) -> "DataSpec":
+        if self.source == "synthetic":
+            return self
+        if self.root is None:
+            raise ValueError(f"data.source '{self.source}' needs data.root (--set data.root=PATH)")
+        root = self.root.expanduser().resolve()
+        if not root.exists():
+            raise ValueError(
+                f"data.root '{self.root}' does not exist; point it at your dataset with "
+                f"--set data.root=PATH, or try search_spaces/quickstart.yaml (synthetic data)")
+        self.root = root
+        return self
+
+
+class ModelSpec(Strict):
+    backbone: str = "resnet18"
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    pretrained: Optional[Path] = Field(None, description="local weights file for the backbone")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        import timm
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            hint = f"; similar: {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown timm backbone '{name}' (see timm.list_models()){hint}")
+        return name
+
+    @field_validator("pretrained")
+    @classmethod
+    def _weights_file_exists(cls, path: Optional[Path]) -> Optional[Path]:
+        if path is None:
+            return None
+        path = path.expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"weights file '{path}' does not exist (model.pretrained takes a local file)")
+        return path
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    decay_norm_and_bias: bool = Field(False, description="apply weight decay to norm layers and biases too")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: bool = Field(False, description="weight expression CE by inverse class frequency")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    early_stop_patience: Optional[int] = Field(None, ge=1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on GPU; off on CPU")
+    seed: int = 0
+
+
+class AugmentSpec(Strict):
+    strength: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class LossSpec(Strict):
+    expression: float = Field(1.0, ge=0)
+    valence: float = Field(0.3, ge=0)
+    arousal: float = Field(0.3, ge=0)
+    regression: Literal["mse", "ccc"] = Field("mse", description="valence/arousal loss: MSE or 1 - CCC")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "LossSpec":
+        if self.expression + self.valence + self.arousal <= 0:
+            raise ValueError("at least one loss weight must be > 0")
+        return self
+
+
+class ResourcesSpec(Strict):
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
+    placement: Literal["pack", "spread"] = "pack"
+
+
+class SearcherSpec(Strict):
+    type: Literal["optuna", "random"] = "optuna"
+    seed: int = 0
+
+
+class SchedulerSpec(Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+    max_t: Optional[int] = Field(None, ge=1, description="epoch cap; default train.epochs")
+
+
+class SearchSpec(Strict):
+    num_samples: int = Field(8, ge=1)
+    objective: dict[str, float] = Field(
+        default_factory=lambda: {"expression_f1": 1.0, "valence_ccc": 0.5, "arousal_ccc": 0.5})
+    searcher: SearcherSpec = SearcherSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0, description="retries of a crashed trial from its last checkpoint")
+
+    @field_validator("objective")
+    @classmethod
+    def _known_metrics(cls, objective: dict[str, float]) -> dict[str, float]:
+        if not objective:
+            raise ValueError(f"needs at least one metric; allowed: {', '.join(OBJECTIVE_METRICS)}")
+        for name, weight in objective.items():
+            if name not in OBJECTIVE_METRICS:
+                raise ValueError(f"unknown metric '{name}'; allowed: {', '.join(OBJECTIVE_METRICS)}")
+            if weight == 0 or not math.isfinite(weight):
+                raise ValueError(f"weight of '{name}' must be a non-zero number (negative to minimise)")
+        return objective
+
+    def score(self, flat_val_metrics: dict[str, float]) -> float:
+        """The objective: weighted mean of the val metrics the data has (missing tasks drop out)."""
+        terms = [(w, flat_val_metrics[m]) for m, w in self.objective.items()
+                 if m in flat_val_metrics and math.isfinite(flat_val_metrics[m])]
+        if not terms:
+            return float("nan")
+        return sum(w * v for w, v in terms) / sum(abs(w) for w, _ in terms)
+
+
+class SpaceEntry(Strict):
+    """One distribution; exactly one of choice / uniform / loguniform / int.
+
+    `when` makes the entry conditional: {"model.backbone": ["resnet50"]} samples it only in trials
+    whose backbone is resnet50 (other trials keep the base value, or another entry's).
+    """
+
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    int: Optional[tuple[int, int]] = None
+    log: bool = False
+    when: dict[str, Union[Any, list[Any]]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> "SpaceEntry":
+        given = [k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, int")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for kind in ("uniform", "loguniform", "int"):
+            bounds = getattr(self, kind)
+            if bounds is None:
+                continue
+            low, high = bounds
+            if low > high:
+                raise ValueError(f"{kind} low {low} > high {high}")
+            if (kind == "loguniform" or (kind == "int" and self.log)) and low <= 0:
+                raise ValueError(f"{kind} with a log scale needs bounds > 0, got {low}")
+        self.when = {k: v if isinstance(v, list) else [v] for k, v in self.when.items()}
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None)
+
+    def extremes(self) -> list[Any]:
+        """Values that must each be valid for the field (to reject a bad space at load time)."""
+        if self.choice is not None:
+            return list(self.choice)
+        return list(getattr(self, self.kind))
+
+
+class Spec(Strict):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.\-]+$")
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    augment: AugmentSpec = AugmentSpec()
+    loss: LossSpec = LossSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    search: SearchSpec = SearchSpec()
+    space: dict[str, Union[SpaceEntry, list[SpaceEntry]]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _space_names_fields(self) -> "Spec":
+        base = self.model_dump(mode="json", exclude={"space"})
+        for key, entries in self.space.items():
+            for entry in entries if isinstance(entries, list) else [entries]:
+                _check_space_key(key, base)
+                for cond_key in entry.when:
+                    _check_space_key(cond_key, base)
+                for value in entry.extremes():
+                    trial = copy.deepcopy(base)
+                    set_path(trial, key, value)
+                    try:
+                        Spec.model_validate(trial)
+                    except ValidationError as err:
+                        raise ValueError(f"space entry '{key}': value {value!r} is invalid: "
+                                         f"{_first_error(err)}") from None
+        return self
+
+    def space_entries(self) -> list[tuple[str, SpaceEntry]]:
+        out = []
+        for key, entries in self.space.items():
+            out.extend((key, e) for e in (entries if isinstance(entries, list) else [entries]))
+        return out
+
+    def with_values(self, values: dict[str, Any], keep_space: bool = False) -> "Spec":
+        """This spec with dotted-path values set (a trial's config), validated again."""
+        raw = self.model_dump(mode="json")
+        for key, value in values.items():
+            set_path(raw, key, value)
+        if not keep_space:
+            raw["space"] = {}
+        return Spec.model_validate(raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_space_key(key: str, base: dict) -> None:
+    parts = key.split(".")
+    if parts[0] not in SEARCHABLE_SECTIONS:
+        raise ValueError(f"space key '{key}' must name a field under {', '.join(SEARCHABLE_SECTIONS)}")
+    node: Any = base
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            allowed = ", ".join(sorted(node)) if isinstance(node, dict) else "(a value, not a section)"
+            raise ValueError(f"space key '{key}' names no spec field ('{'.'.join(parts[:i + 1])}'; "
+                             f"allowed there: {allowed})")
+        node = node[part]
+    if isinstance(node, dict):
+        raise ValueError(f"space key '{key}' is a section, not a field")
+
+
+def set_path(raw: dict, key: str, value: Any) -> None:
+    """Set a dotted path in a nested dict; `space.<dotted key>` addresses one space entry."""
+    parts = key.split(".")
+    if parts[0] == "space" and len(parts) > 1:
+        raw.setdefault("space", {})
+        space_key = ".".join(parts[1:])
+        if value is None:
+            raw["space"].pop(space_key, None)
+        else:
+            raw["space"][space_key] = value
+        return
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`dotted.key=value` with the value read as YAML (so 3e-4, true, [a, b] get their types)."""
+    if "=" not in text:
+        raise UserError(f"--set '{text}': expected dotted.key=value, e.g. --set train.lr=3e-4")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set '{text}': the key before '=' is empty")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such spec file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a spec YAML file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read spec file ({err.__class__.__name__}: {err})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{line}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (data:, model:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load_spec(path: Union[str, Path], overrides: list[str] = ()) -> Spec:
+    """Read, override and validate a spec file. Raises UserError with one line on any problem.
+
+    Overriding a field that the space also samples fixes it: the space entry is dropped.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(raw, key, value)
+        if not key.startswith("space.") and isinstance(raw.get("space"), dict):
+            raw["space"].pop(key, None)
+    return validate_spec(raw, source=str(path))
+
+
+def validate_spec(raw: dict, source: str = "spec") -> Spec:
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{source}: {_first_error(err)}") from None
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = [p for p in e["loc"] if not _is_type_tag(p)]
+    where = ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        return f"unknown key '{where}'" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    msg = e["msg"].removeprefix("Value error, ")
+    value = e.get("input")
+    shown = "" if e["type"] in ("missing", "value_error") or isinstance(value, dict) else f" (got {value!r})"
+    return f"{where}: {msg}{shown}" if where else msg
+
+
+def _is_type_tag(part: Any) -> bool:
+    """Pydantic puts union-member names ('bool', 'function-after[...]') into error locations."""
+    return isinstance(part, str) and (part in ("bool", "int", "float", "SpaceEntry") or "[" in part)
+
+
+def _allowed_keys(loc: list) -> list[str]:
+    if loc and loc[0] == "space":
+        return list(SpaceEntry.model_fields)
+    model: Any = Spec
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        if hasattr(model, "__args__"):
+            model = next((a for a in model.__args__ if hasattr(a, "model_fields")), model)
+    return list(getattr(model, "model_fields", {}))
