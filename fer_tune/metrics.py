@@ -252,16 +252,16 @@ def expression_metrics(y_true, probs, labels=None) -> dict[str, float]:
 # ------------------------------------------------------------- vectorised bootstrap
 
 
-def _boot_weights(rng: np.random.Generator, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """`b` resamples of `n` indices: indices (b, n) and multiplicities transposed, (n, b).
+def _resample_weights(idx: np.ndarray, n: int) -> np.ndarray:
+    """Multiplicities of resamples `idx` (B, n), transposed to (n, B).
 
-    Multiplicities are float32 (exact integer counts below 2**24) unless `n` is larger.
+    float32 (exact integer counts below 2**24) unless `n` is larger.
     """
-    idx = rng.integers(0, n, size=(b, n))
-    flat = (idx * b + np.arange(b, dtype=np.int64)[:, None]).ravel()
+    b = idx.shape[0]
+    flat = (np.arange(b, dtype=np.int64)[:, None] * n + idx).ravel()
+    counts = np.bincount(flat, minlength=b * n).reshape(b, n)
     dtype = np.float32 if n < 2**24 else np.float64
-    w_t = np.bincount(flat, minlength=b * n).reshape(n, b).astype(dtype)
-    return idx, w_t
+    return np.ascontiguousarray(counts.T, dtype=dtype)
 
 
 def _affect_batch(yb: np.ndarray, pb: np.ndarray) -> dict[str, np.ndarray]:
@@ -301,12 +301,26 @@ class _ExpressionBoot:
         self.cell_onehot[y * n_cols + pred, np.arange(y.size)] = 1.0
         scores = _restricted_scores(probs, lab)
         self.per_class = []
-        for j, k in enumerate(lab):
-            order = np.argsort(-scores[:, j], kind="stable")
-            s = scores[order, j]
-            ends = np.concatenate((np.flatnonzero(np.diff(s) != 0), [s.size - 1]))
+        for k_i, k in enumerate(lab):
+            order = np.argsort(-scores[:, k_i], kind="stable")  # descending score
+            s = scores[order, k_i]
             pos = y[order] == k
-            self.per_class.append((order, pos, ends))
+            new_group = np.concatenate(([True], np.diff(s) != 0))
+            group = np.cumsum(new_group) - 1
+            starts = np.flatnonzero(new_group)
+            ends = np.concatenate((starts[1:], [s.size]))  # exclusive
+            neg_before = np.concatenate(([0], np.cumsum(~pos)))  # negatives in [0, i)
+            pos_before = np.concatenate(([0], np.cumsum(pos)))
+            g = group[pos]  # score group of each positive, in descending order
+            self.per_class.append(
+                (
+                    order[pos],  # positive samples
+                    order[~pos],  # negative samples
+                    neg_before[ends[g]],  # negatives scoring >= this positive
+                    neg_before[starts[g]],  # negatives scoring > this positive
+                    pos_before[ends[g]],  # positives scoring >= this positive
+                )
+            )
 
     def __call__(self, w_t: np.ndarray) -> dict[str, np.ndarray]:
         """Metrics for each column of weights `w_t` (n, B); arrays of shape (B,)."""
@@ -326,21 +340,23 @@ class _ExpressionBoot:
 
         roc = np.full((b, len(self.lab)), np.nan)
         ap = np.full_like(roc, np.nan)
-        for j, (order, pos, ends) in enumerate(self.per_class):
-            ws = w_t[order]
-            # cumulative positive / total weight at the end of each score group (desc. order)
-            tp = np.cumsum(ws * pos[:, None].astype(ws.dtype), axis=0)[ends].astype(np.float64)
-            cnt = np.cumsum(ws, axis=0)[ends].astype(np.float64)
-            fp = cnt - tp
-            pg = np.diff(tp, axis=0, prepend=0.0)  # positives in each group
-            ng = np.diff(fp, axis=0, prepend=0.0)  # negatives in each group
-            p_tot, n_tot = tp[-1], fp[-1]
-            ok = (p_tot > 0) & (n_tot > 0)
+        for j, (pos_idx, neg_idx, neg_ge, neg_gt, pos_ge) in enumerate(self.per_class):
+            if pos_idx.size == 0 or neg_idx.size == 0:
+                continue
+            w_pos = w_t[pos_idx]
+            cum_neg = _cumsum0(w_t[neg_idx])  # row m: weight of the first m negatives
+            cum_pos = _cumsum0(w_pos)
+            p_tot, n_tot = cum_pos[-1], cum_neg[-1]
+            w_pos = w_pos.astype(np.float64)
+            fp_ge = cum_neg[neg_ge]
+            # each positive beats the negatives below its score, ties count 1/2
+            beaten = n_tot - 0.5 * (fp_ge + cum_neg[neg_gt])
+            tp_ge = cum_pos[pos_ge]
             with np.errstate(divide="ignore", invalid="ignore"):
-                pairs = (pg * (n_tot - fp + 0.5 * ng)).sum(axis=0)
-                roc[:, j] = np.where(ok, pairs / (p_tot * n_tot), np.nan)
-                prec = np.where(cnt > 0, tp / np.where(cnt > 0, cnt, 1.0), 0.0)
-                ap[:, j] = np.where(ok, (pg * prec).sum(axis=0) / p_tot, np.nan)
+                prec = np.where(w_pos > 0, tp_ge / np.maximum(tp_ge + fp_ge, 1e-300), 0.0)
+                ok = (p_tot > 0) & (n_tot > 0)
+                roc[:, j] = np.where(ok, (w_pos * beaten).sum(axis=0) / (p_tot * n_tot), np.nan)
+                ap[:, j] = np.where(ok, (w_pos * prec).sum(axis=0) / p_tot, np.nan)
         return {
             "accuracy": acc,
             "f1_macro": _nanmean_rows(f1_k),
@@ -348,6 +364,14 @@ class _ExpressionBoot:
             "auc_roc": _nanmean_rows(roc),
             "auc_pr": _nanmean_rows(ap),
         }
+
+
+def _cumsum0(a: np.ndarray) -> np.ndarray:
+    """Cumulative sums down axis 0 with a leading zero row, as float64."""
+    out = np.empty((a.shape[0] + 1,) + a.shape[1:], dtype=np.float64)
+    out[0] = 0.0
+    np.cumsum(a, axis=0, out=out[1:])
+    return out
 
 
 def _nanmean_rows(a: np.ndarray) -> np.ndarray:
@@ -367,14 +391,17 @@ def _percentile_ci(samples: np.ndarray) -> list[float]:
 
 
 def _bootstrap(n: int, n_boot: int, rng: np.random.Generator, batch_fn, names) -> dict:
-    """Run `batch_fn(idx, w)` over chunks of resamples and turn the results into 95 % CIs."""
+    """Percentile 95 % CIs of the metrics `batch_fn(idx)` returns for (b, n) resample indices.
+
+    Resamples are drawn in chunks to bound memory; NaN (undefined) resamples are skipped.
+    """
     chunk = max(1, min(n_boot, _BOOT_CELLS // max(n, 1)))
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     done = 0
     while done < n_boot:
         b = min(chunk, n_boot - done)
-        idx, w = _boot_weights(rng, b, n)
-        for name, vals in batch_fn(idx, w).items():
+        idx = rng.integers(0, n, size=(b, n))
+        for name, vals in batch_fn(idx).items():
             parts[name].append(vals)
         done += b
     return {name: _percentile_ci(np.concatenate(parts[name])) for name in names}
@@ -400,6 +427,9 @@ def compute_metrics(
     "ci95": {task: {metric: [lo, hi]}} from `n_boot` percentile-bootstrap resamples of each
     task's valid samples, seeded by `seed`.
     """
+    if ci and int(n_boot) < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    n_boot = int(n_boot)
     out: dict[str, Any] = {}
     missing: list[str] = []
     counts: dict[str, Any] = {}
@@ -407,13 +437,15 @@ def compute_metrics(
 
     # expression ---------------------------------------------------------------
     y_raw = targets.get("expression")
+    if y_raw is not None and preds.get("expression") is None:
+        if np.any(np.asarray(y_raw) >= 0):
+            raise ValueError("targets have expression labels but preds have no 'expression'")
+        y_raw = None
     if y_raw is None:
         y_valid = np.zeros(0, dtype=np.int64)
         lab = _resolve_labels(labels, y_valid, None)
         p = None
     else:
-        if "expression" not in preds:
-            raise ValueError("targets have 'expression' but preds do not")
         y_all, p_all = _check_expression_inputs(y_raw, preds["expression"])
         valid = y_all >= 0
         y_valid, p = y_all[valid], p_all[valid]
@@ -428,8 +460,13 @@ def compute_metrics(
             if np.all(np.isfinite(p)):
                 boot = _ExpressionBoot(y_valid, p, lab)
                 rng = np.random.default_rng([seed, 0])
+                n_exp = y_valid.size
                 ci95["expression"] = _bootstrap(
-                    y_valid.size, n_boot, rng, lambda idx, w: boot(w), EXPRESSION_METRICS
+                    n_exp,
+                    n_boot,
+                    rng,
+                    lambda idx: boot(_resample_weights(idx, n_exp)),
+                    EXPRESSION_METRICS,
                 )
             else:
                 ci95["expression"] = {m: [float("nan")] * 2 for m in EXPRESSION_METRICS}
@@ -437,12 +474,14 @@ def compute_metrics(
     # valence / arousal ---------------------------------------------------------
     for t_i, task in enumerate(AFFECT_TASKS, start=1):
         y_raw = targets.get(task)
+        if y_raw is not None and preds.get(task) is None:
+            if not np.all(np.isnan(np.asarray(y_raw, dtype=np.float64))):
+                raise ValueError(f"targets have {task} values but preds have no {task!r}")
+            y_raw = None
         if y_raw is None:
             counts[task] = 0
             missing.append(task)
             continue
-        if task not in preds:
-            raise ValueError(f"targets have {task!r} but preds do not")
         y_all, p_all = _check_affect_inputs(y_raw, preds[task])
         valid = ~np.isnan(y_all)
         y, p_t = y_all[valid], p_all[valid]
@@ -458,7 +497,7 @@ def compute_metrics(
                     y.size,
                     n_boot,
                     rng,
-                    lambda idx, w, y=y, p_t=p_t: _affect_batch(y[idx], p_t[idx]),
+                    lambda idx, y=y, p_t=p_t: _affect_batch(y[idx], p_t[idx]),
                     AFFECT_METRICS,
                 )
             else:

@@ -141,6 +141,9 @@ class Source:
 
     def dataset_root(self, data) -> Path:
         """The folder that the ``image`` column is relative to."""
+        if data.root is None:
+            raise UserError(f"data.root is not set: data.source '{self.name}' needs it; "
+                            f"set it with --set data.root=PATH")
         return Path(data.root)
 
     def read_image(self, data, row, *, size: Optional[int] = None) -> np.ndarray:
@@ -326,7 +329,7 @@ def _finalize(raw: pd.DataFrame, source: Source, data) -> pd.DataFrame:
     if invalid.any():
         i = int(np.flatnonzero(invalid)[0])
         raise UserError(f"{where.iloc[i]}: face box (x, y, w, h) = {tuple(box[i].tolist())} is "
-                        f"invalid; give all four with w, h > 0, or none for an already-cropped face")
+                        f"invalid; give all four with w, h > 0, or none for a cropped face")
     for j, c in enumerate(("face_x", "face_y", "face_w", "face_h")):
         out[c] = box[:, j]
 
@@ -417,33 +420,52 @@ def _crop(image: np.ndarray, row, path: Path) -> np.ndarray:
     return np.ascontiguousarray(image[y0:y1, x0:x1])
 
 
-def _check_paths(root: Path, rel_paths: Iterable[str], where: list[str], listed_in: str) -> None:
+class _Lines:
+    """Lazy "FILE line N" labels for error messages (formatted only when one is needed)."""
+
+    def __init__(self, file: Any, lines: np.ndarray):
+        self.file = str(file)
+        self.lines = np.asarray(lines)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i: int) -> str:
+        return f"{self.file} line {int(self.lines[i])}"
+
+    def series(self) -> pd.Series:
+        return (self.file + " line ") + pd.Series(self.lines, dtype="int64").astype(str)
+
+
+def _check_paths(root: Path, rel_paths: Iterable[str], where: Any, listed_in: str) -> None:
     """Reject paths whose target (following symlinks) leaves ``root`` and list missing files.
 
-    ``rel_paths`` are already normalised relative posix paths (see `_normalise_rel`).
+    ``rel_paths`` are already normalised relative posix paths (see `_normalise_rel`). Each folder
+    is listed once (fast for AffectNet's ~400k files); only symlinks are resolved one by one.
     """
     real_root = os.path.realpath(root)
     root_str = str(root)
-    parent_ok: dict[str, bool] = {}
+    folders: dict[str, Optional[dict[str, bool]]] = {}  # parent -> {name: is_symlink}
     missing: list[str] = []
-    for rel, label in zip(rel_paths, where):
-        parent = posixpath.dirname(rel)
-        ok = parent_ok.get(parent)
-        if ok is None:
-            ok = _inside(os.path.realpath(os.path.join(root_str, parent)), real_root)
-            parent_ok[parent] = ok
-        if not ok:
-            raise UserError(f"{label}: path escapes the dataset root {root}: {rel!r}")
-        full = os.path.join(root_str, rel)
-        try:
-            st = os.lstat(full)
-        except OSError:
+    for i, rel in enumerate(rel_paths):
+        parent, _, name = rel.rpartition("/")
+        entries = folders.get(parent, False)
+        if entries is False:
+            folder = os.path.join(root_str, parent) if parent else root_str
+            if not _inside(os.path.realpath(folder), real_root):
+                raise UserError(f"{where[i]}: path escapes the dataset root {root}: {rel!r}")
+            try:
+                with os.scandir(folder) as it:
+                    entries = {e.name: e.is_symlink() for e in it}
+            except OSError:
+                entries = None
+            folders[parent] = entries
+        if entries is None or name not in entries:
             missing.append(rel)
-            continue
-        if (st.st_mode & 0o170000) == 0o120000:  # a symlink: where does it land?
-            target = os.path.realpath(full)
+        elif entries[name]:  # a symlink: where does it land?
+            target = os.path.realpath(os.path.join(root_str, rel))
             if not _inside(target, real_root):
-                raise UserError(f"{label}: path escapes the dataset root {root}: {rel!r} "
+                raise UserError(f"{where[i]}: path escapes the dataset root {root}: {rel!r} "
                                 f"links to {target}")
             if not os.path.exists(target):
                 missing.append(rel)
@@ -452,6 +474,19 @@ def _check_paths(root: Path, rel_paths: Iterable[str], where: list[str], listed_
         more = f", ... ({len(missing) - _MAX_LISTED} more)" if len(missing) > _MAX_LISTED else ""
         raise UserError(f"{listed_in}: {len(missing)} image file(s) listed there do not exist "
                         f"under {root}: {shown}{more}")
+
+
+def _normalise_all(paths: Iterable[str], root: Path, where: Any) -> list[str]:
+    """`_normalise_rel` for every path (``where[i]`` labels row i in messages)."""
+    out = []
+    for i, path in enumerate(paths):
+        text = str(path)
+        if (text and text[0] not in "/. " and text[-1] not in "/ " and "\\" not in text
+                and "/." not in text and "//" not in text):
+            out.append(text)  # already normal: the common case, skip normpath
+        else:
+            out.append(_normalise_rel(text, root, where[i]))
+    return out
 
 
 def _normalise_rel(path: str, root: Path, label: str) -> str:
@@ -489,6 +524,10 @@ def _rel_posix(path: Path, root: Path) -> str:
 # synthetic
 
 
+_SYNTH_PREFIX = "synth_"
+_SYNTH_CLASHES = ("image", "face_x", "face_y", "face_w", "face_h")
+
+
 @register_source("synthetic")
 class SyntheticSource(Source):
     """Procedurally drawn faces from `fer_tune.data.synthetic` (no files)."""
@@ -502,7 +541,11 @@ class SyntheticSource(Source):
         spec = data.synthetic
         faces = sample_faces(spec.n, spec.seed, spec.label_noise, spec.identities)
         faces = faces.reset_index(drop=True)
-        table = faces.copy()
+        # Renderer parameters whose names clash with the table's own columns (the renderer's
+        # face_w / face_h are face-shape ratios, not a face box) are kept as synth_<name>;
+        # read_image hands them back to the renderer under their own names.
+        clash = {c: _SYNTH_PREFIX + c for c in faces.columns if c in _SYNTH_CLASHES}
+        table = faces.rename(columns=clash)
         table["image"] = [f"synthetic/{i:06d}" for i in range(len(faces))]
         if "source_split" not in table:
             table["source_split"] = ""
@@ -517,7 +560,16 @@ class SyntheticSource(Source):
     def read_image(self, data, row, *, size: Optional[int] = None) -> np.ndarray:
         from fer_tune.data.synthetic import render_face
 
-        image = render_face(row, int(size) if size else DEFAULT_SYNTHETIC_SIZE)
+        if hasattr(row, "to_dict"):
+            params = row.to_dict()
+        elif hasattr(row, "_asdict"):
+            params = row._asdict()
+        else:
+            params = dict(row)
+        for name in _SYNTH_CLASHES:
+            if _SYNTH_PREFIX + name in params:
+                params[name] = params[_SYNTH_PREFIX + name]
+        image = render_face(params, int(size) if size else DEFAULT_SYNTHETIC_SIZE)
         image = np.asarray(image)
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
@@ -547,7 +599,7 @@ class AffectNetSource(Source):
         if not found:
             raise UserError(f"data.root '{root}': no training.csv or validation.csv in it or in "
                             f"Manually_Annotated_file_lists/; data.source 'affectnet' needs "
-                            f"AffectNet's official CSVs (point elsewhere with --set data.root=PATH)")
+                            f"AffectNet's official CSVs (point elsewhere: --set data.root=PATH)")
         parts = []
         dropped: dict[str, int] = {}
         for csv_path, split in found:
@@ -569,6 +621,7 @@ class AffectNetSource(Source):
         try:
             raw = pd.read_csv(csv_path, header=0 if has_header else None,
                               names=None if has_header else list(AFFECTNET_COLUMNS),
+                              usecols=lambda c: str(c).strip() != "facial_landmarks",
                               dtype=str, keep_default_na=False, skipinitialspace=True,
                               encoding="utf-8-sig")
         except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
@@ -616,8 +669,8 @@ class AffectNetSource(Source):
 
         raw = raw.loc[keep].reset_index(drop=True)
         lines = lines[keep]
-        wheres = [f"{csv_path} line {n}" for n in lines]
-        rels = [_normalise_rel(p, root, w) for p, w in zip(raw["subDirectory_filePath"], wheres)]
+        wheres = _Lines(csv_path, lines)
+        rels = _normalise_all(raw["subDirectory_filePath"], root, wheres)
         prefix = ""
         if rels and not (root / rels[0]).exists() and \
                 (root / "Manually_Annotated_Images" / rels[0]).exists():
@@ -628,8 +681,7 @@ class AffectNetSource(Source):
         def box(col):
             if col not in raw:
                 return np.full(len(raw), np.nan)
-            return pd.to_numeric(raw[col].str.strip().replace("", np.nan),
-                                 errors="coerce").to_numpy(dtype=np.float64)
+            return pd.to_numeric(raw[col].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
 
         table = pd.DataFrame({
             "image": rels,
@@ -642,7 +694,7 @@ class AffectNetSource(Source):
             "face_y": box("face_y"),
             "face_w": box("face_width"),
             "face_h": box("face_height"),
-            "_where": wheres,
+            "_where": wheres.series(),
         })
         return table, dropped
 
@@ -653,7 +705,7 @@ class AffectNetSource(Source):
 
 @register_source("affectnet-npy")
 class AffectNetNpySource(Source):
-    """AffectNet as images/<id>.jpg with annotations/<id>_{exp,val,aro}.npy, optionally per split."""
+    """AffectNet as [<split>/]images/<id>.jpg with annotations/<id>_{exp,val,aro}.npy."""
 
     description = ("[<split>/]images/<id>.jpg with [<split>/]annotations/<id>_exp.npy, "
                    "<id>_val.npy, <id>_aro.npy (split folders: "
@@ -843,7 +895,7 @@ class FolderSource(Source):
         """Sub-folders of ``folder`` (hidden ones skipped); counts the files found beside them."""
         dirs = []
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or entry.name == "__MACOSX":
                 if not entry.is_dir():
                     dropped[NON_IMAGE_FILES] += 1
                 continue
@@ -860,7 +912,7 @@ class FolderSource(Source):
 # csv
 
 
-@register_source("csv", root_kind="file_or_dir")
+@register_source("csv")
 class CsvSource(Source):
     """A CSV with columns path, expression[, valence, arousal, subject, face_x, face_y, face_w,
     face_h]; paths relative to the CSV's folder."""
@@ -877,7 +929,7 @@ class CsvSource(Source):
         return root / "labels.csv" if root.is_dir() else root
 
     def dataset_root(self, data) -> Path:
-        root = Path(data.root)
+        root = super().dataset_root(data)
         return root if root.is_dir() else root.parent
 
     def load(self, data) -> pd.DataFrame:
@@ -885,7 +937,7 @@ class CsvSource(Source):
         root = self.dataset_root(data)
         if not csv_path.is_file():
             raise UserError(f"data.root '{data.root}' is a folder without labels.csv; point "
-                            f"--set data.root=PATH at the CSV file or at a folder holding labels.csv")
+                            f"--set data.root=PATH at the CSV file or a folder holding labels.csv")
         try:
             raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
                               skipinitialspace=True)
@@ -899,14 +951,14 @@ class CsvSource(Source):
         for col in self.required:
             if col not in raw.columns:
                 raise UserError(f"{csv_path}: missing column '{col}'; required columns: "
-                                f"{', '.join(self.required)} (optional: {', '.join(self.optional)})")
+                                f"{', '.join(self.required)} "
+                                f"(optional: {', '.join(self.optional)})")
         box_cols = [c for c in ("face_x", "face_y", "face_w", "face_h") if c in raw.columns]
         if box_cols and len(box_cols) != 4:
             absent = [c for c in ("face_x", "face_y", "face_w", "face_h") if c not in raw.columns]
             raise UserError(f"{csv_path}: missing column '{absent[0]}'; a face box needs all of "
                             f"face_x, face_y, face_w, face_h")
-        name = csv_path.name
-        wheres = [f"{csv_path} line {i + 2}" for i in range(len(raw))]
+        wheres = _Lines(csv_path, np.arange(len(raw)) + 2)
         n = len(raw)
 
         expression = np.full(n, -1, dtype=np.int64)
@@ -917,8 +969,8 @@ class CsvSource(Source):
             label = expression_id(text)
             if label is None:
                 raise UserError(f"{wheres[i]}: expression {text!r} is out of range; valid: "
-                                f"0..{len(EXPRESSIONS) - 1}, a class name ({', '.join(EXPRESSIONS)}) "
-                                f"or empty for unlabelled")
+                                f"0..{len(EXPRESSIONS) - 1}, a class name "
+                                f"({', '.join(EXPRESSIONS)}) or empty for unlabelled")
             expression[i] = label
 
         columns: dict[str, Any] = {"expression": expression}
@@ -943,9 +995,8 @@ class CsvSource(Source):
         if "subject" in raw.columns:
             columns["subject"] = raw["subject"].str.strip().to_numpy(dtype=object)
 
-        rels = [_normalise_rel(p, root, w) for p, w in zip(raw["path"], wheres)]
+        rels = _normalise_all(raw["path"], root, wheres)
         _check_paths(root, rels, wheres, str(csv_path))
-        table = pd.DataFrame({"image": rels, **columns, "_where": wheres})
+        table = pd.DataFrame({"image": rels, **columns, "_where": wheres.series()})
         table.attrs = {"dropped": {}}
-        del name
         return table

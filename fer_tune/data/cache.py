@@ -1,0 +1,76 @@
+"""Decode and resize every image of a split once, into a uint8 array reused by every epoch and trial.
+
+The cache is a `.npy` file opened memory-mapped, so concurrent trials on one machine share the
+page cache instead of each holding a copy. Its name carries a fingerprint of the split table,
+the source and the image size, so a changed dataset never reuses a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from fer_tune.data.sources import BadImage, read_image
+from fer_tune.data.splits import table_fingerprint
+from fer_tune.errors import UserError
+from fer_tune.io import atomic_save_npy
+
+
+def cache_path(cache_dir: Path, split: str, data_spec, table: pd.DataFrame) -> Path:
+    key = f"{data_spec.source}|{data_spec.root}|{data_spec.image_size}|{table_fingerprint(table)}"
+    if data_spec.source == "synthetic":
+        key += f"|{data_spec.synthetic.model_dump_json()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{split}_{data_spec.image_size}px_{digest}.npy"
+
+
+def load_images(data_spec, table: pd.DataFrame, split: str, cache_dir: Path,
+                progress: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
+    """Return (images (N, S, S, 3) uint8, table of the rows kept). Builds the cache on first use."""
+    path = cache_path(cache_dir, split, data_spec, table)
+    kept_path = path.with_suffix(".kept.npy")
+    if not path.exists():
+        _build(data_spec, table, split, path, kept_path, progress)
+    images = np.load(path, mmap_mode="r")
+    kept = np.load(kept_path)
+    return images, table.iloc[kept].reset_index(drop=True)
+
+
+def _build(data_spec, table: pd.DataFrame, split: str, path: Path, kept_path: Path, progress: bool) -> None:
+    size = data_spec.image_size
+    images = np.zeros((len(table), size, size, 3), dtype=np.uint8)
+    bad: list[tuple[int, BadImage]] = []
+
+    def decode(i: int) -> None:
+        try:
+            image = read_image(data_spec, table.iloc[i], size=size)
+        except BadImage as err:
+            bad.append((i, err))
+            return
+        if image.shape[:2] != (size, size):
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        images[i] = image
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(tqdm(pool.map(decode, range(len(table))), total=len(table), disable=None if progress else True,
+                  desc=f"caching {split} images at {size}px", unit="img", leave=False))
+    bad.sort(key=lambda item: item[0])
+    if bad and not data_spec.skip_bad:
+        listed = "; ".join(f"{err.path} ({err.reason})" for _, err in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UserError(f"{len(bad)} unreadable image(s) in the {split} split: {listed}{more}; "
+                        f"fix or remove them, or set data.skip_bad: true to skip them")
+    kept = np.setdiff1d(np.arange(len(table)), np.asarray([i for i, _ in bad], dtype=int))
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s) in the {split} split (data.skip_bad)")
+    if len(kept) == 0:
+        raise UserError(f"no readable images in the {split} split")
+    atomic_save_npy(path, images[kept])
+    atomic_save_npy(kept_path, kept)
+

@@ -1,0 +1,91 @@
+"""From a DataSpec to training-ready splits, once per experiment folder.
+
+`prepare_data` reads the source, draws (or reuses) the split and records what the data can
+measure in `splits/data.json`; `open_prepared` reads that back without touching the source, which
+is what every trial does. Images are decoded into the cache on the first `load()` of a split, so
+the test split's images are never read until the final evaluation asks for them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fer_tune.data.cache import load_images
+from fer_tune.data.sources import load_table
+from fer_tune.data.splits import SPLITS, make_splits
+from fer_tune.errors import UserError
+from fer_tune.io import atomic_write_json
+
+
+@dataclass
+class Split:
+    name: str
+    table: pd.DataFrame
+    images: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def targets(self) -> dict[str, np.ndarray]:
+        return {"expression": self.table["expression"].to_numpy(dtype=np.int64),
+                "valence": self.table["valence"].to_numpy(dtype=np.float32),
+                "arousal": self.table["arousal"].to_numpy(dtype=np.float32)}
+
+
+@dataclass
+class PreparedData:
+    data_spec: object
+    out_dir: Path
+    tables: dict[str, pd.DataFrame]
+    tasks: list[str]
+    labels: list[int]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.out_dir / "cache"
+
+    def load(self, name: str, progress: bool = True) -> Split:
+        images, table = load_images(self.data_spec, self.tables[name], name, self.cache_dir, progress)
+        return Split(name, table, images)
+
+
+def prepare_data(data_spec, out_dir: Path) -> PreparedData:
+    """Read the source, make or reuse the split, record tasks and labels. Reads no image."""
+    out_dir = Path(out_dir)
+    table = load_table(data_spec)
+    splits_dir = out_dir / "splits"
+    make_splits(table, data_spec.split, splits_dir)
+    tables = _read_splits(splits_dir)
+    train = tables["train"]
+    tasks = (["expression"] if (train["expression"] >= 0).any() else []) + \
+            [t for t in ("valence", "arousal") if train[t].notna().any()]
+    if not tasks:
+        raise UserError(f"{data_spec.root or 'synthetic data'}: the training split has no labels at all")
+    labels = sorted(int(c) for c in set(train["expression"]) if c >= 0)
+    info = {"tasks": tasks, "labels": labels, "missing_tasks": [t for t in ("expression", "valence", "arousal")
+                                                                 if t not in tasks],
+            "sizes": {name: len(t) for name, t in tables.items()},
+            "dropped": dict(table.attrs.get("dropped", {}))}
+    atomic_write_json(splits_dir / "data.json", info)
+    return PreparedData(data_spec, out_dir, tables, tasks, labels, info)
+
+
+def open_prepared(data_spec, out_dir: Path) -> PreparedData:
+    """The prepared data of an experiment folder, without reading the source again."""
+    out_dir = Path(out_dir)
+    info = json.loads((out_dir / "splits" / "data.json").read_text())
+    return PreparedData(data_spec, out_dir, _read_splits(out_dir / "splits"), info["tasks"], info["labels"], info)
+
+
+def _read_splits(splits_dir: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_csv(splits_dir / f"{name}.csv", keep_default_na=False,
+                              na_values={"valence": [""], "arousal": [""], "face_x": [""], "face_y": [""],
+                                         "face_w": [""], "face_h": [""]},
+                              dtype={"subject": str, "source_split": str, "image": str})
+            for name in SPLITS}

@@ -1,0 +1,110 @@
+"""Train / val / test splits: stratified by expression, seeded, subject-disjoint when subjects exist.
+
+A split is drawn once and written to `<out>/splits/{train,val,test}.csv` with a `split.json`
+recording how it was made. An existing split is always reused; if the spec now asks for a
+different one the run stops with an error instead of silently redrawing it (which would leak
+test images into training across runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from fer_tune import EXPRESSIONS
+from fer_tune.errors import UserError
+from fer_tune.io import atomic_write_text
+
+SPLITS = ("train", "val", "test")
+
+
+def table_fingerprint(table: pd.DataFrame) -> str:
+    cols = ["image", "expression", "valence", "arousal", "subject", "source_split"]
+    digest = hashlib.sha256(pd.util.hash_pandas_object(table[cols], index=False).values.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_size(size: float, total: int) -> int:
+    return int(size) if size >= 1 else max(1, round(size * total))
+
+
+def make_splits(table: pd.DataFrame, split_spec, splits_dir: Path) -> Path:
+    """Write train/val/test CSVs to `splits_dir` unless the same split is already there."""
+    splits_dir = Path(splits_dir)
+    recipe = {"val": split_spec.val, "test": split_spec.test, "seed": split_spec.seed,
+              "table": table_fingerprint(table)}
+    meta_path = splits_dir / "split.json"
+    if meta_path.exists():
+        made = json.loads(meta_path.read_text())
+        if made != recipe:
+            raise UserError(
+                f"{splits_dir}: an existing split was made from different data or split settings "
+                f"({_diff(made, recipe)}); it is never redrawn silently: use another --out folder "
+                f"or delete {splits_dir}")
+        return splits_dir
+
+    splits = draw_splits(table, split_spec)
+    check_splits(splits)
+    splits_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        atomic_write_text(splits_dir / f"{name}.csv", part.to_csv(index=False))
+    atomic_write_text(meta_path, json.dumps(recipe, indent=2))
+    return splits_dir
+
+
+def draw_splits(table: pd.DataFrame, split_spec) -> dict[str, pd.DataFrame]:
+    total = len(table)
+    given_test = table["source_split"] == "test"
+    given_val = table["source_split"] == "val"
+    rest = table[~given_test & ~given_val]
+    if given_test.any():
+        test = table[given_test]
+    else:
+        n_test = resolve_size(split_spec.test, total)
+        rest, test = _split_off(rest, n_test, split_spec.seed, "test")
+    if given_val.any():
+        val = table[given_val]
+    else:
+        n_val = resolve_size(split_spec.val, total)
+        rest, val = _split_off(rest, n_val, split_spec.seed + 1, "val")
+    return {"train": rest.reset_index(drop=True), "val": val.reset_index(drop=True),
+            "test": test.reset_index(drop=True)}
+
+
+def _split_off(pool: pd.DataFrame, n: int, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if n >= len(pool):
+        raise UserError(f"data.split.{name}: {n} images asked for the {name} split but only "
+                        f"{len(pool)} are left to split; use a smaller count or a fraction like 0.1")
+    strata = pool["expression"].to_numpy()
+    subjects = pool["subject"].fillna("").astype(str).to_numpy()
+    if (subjects != "").all() and len(np.unique(subjects)) >= 2:
+        n_folds = min(max(2, round(len(pool) / n)), len(np.unique(subjects)))
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        keep, held = next(folds.split(np.zeros(len(pool)), strata, groups=subjects))
+        return pool.iloc[keep], pool.iloc[held]
+    counts = pd.Series(strata).value_counts()
+    stratify = strata if counts.min() >= 2 and n >= len(counts) and len(pool) - n >= len(counts) else None
+    keep, held = train_test_split(np.arange(len(pool)), test_size=n, stratify=stratify, random_state=seed)
+    return pool.iloc[np.sort(keep)], pool.iloc[np.sort(held)]
+
+
+def check_splits(splits: dict[str, pd.DataFrame]) -> None:
+    train_classes = set(splits["train"]["expression"]) - {-1}
+    for name in ("val", "test"):
+        if splits[name].empty:
+            raise UserError(f"the {name} split is empty; check data.split.{name}")
+        unseen = sorted(set(splits[name]["expression"]) - {-1} - train_classes)
+        if unseen:
+            names = ", ".join(f"{c} ({EXPRESSIONS[c]})" for c in unseen)
+            raise UserError(f"the {name} split has expression classes the training split lacks: {names}; "
+                            f"a model cannot learn them (add training images of those classes)")
+
+
+def _diff(made: dict, wanted: dict) -> str:
+    return ", ".join(f"{k}: split has {made.get(k)!r}, spec wants {wanted.get(k)!r}"
+                     for k in wanted if made.get(k) != wanted.get(k))

@@ -1,0 +1,232 @@
+"""`fit()`: the one training loop.
+
+It runs unchanged in `fer-tune train` (one process) and in every Ray Train worker of a search
+trial (torch.distributed already initialised by Ray: DDP, a DistributedSampler and validation
+predictions gathered from all ranks, so every rank computes the same metrics). What differs
+between the two is only `report(metrics, checkpoint)`, called once per epoch.
+
+Read it top to bottom: set-up, then per epoch train -> validate -> keep the best -> report.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from fer_tune import NUM_EXPRESSIONS
+from fer_tune.data.augment import build_augment
+from fer_tune.data.dataset import FaceDataset
+from fer_tune.evaluate import predict
+from fer_tune.losses import inverse_frequency_weights, multitask_loss
+from fer_tune.metrics import compute_metrics, flat_metrics
+from fer_tune.model import create_model
+
+Report = Callable[[dict, Optional[dict]], None]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite: the trial is stopped and recorded as errored."""
+
+
+@dataclass
+class FitResult:
+    best_model: dict
+    best_metrics: dict
+    best_epoch: int
+    history: list = field(default_factory=list)
+
+
+def fit(spec, train_split, val_split, labels: list[int], report: Report,
+        device: Optional[torch.device] = None, resume: Optional[dict] = None,
+        progress: Optional[Callable[[str], None]] = None) -> FitResult:
+    """Train `spec` on `train_split`, validate on `val_split` each epoch, return the best epoch.
+
+    `report(metrics, checkpoint)` gets flat metrics every epoch and a checkpoint dict (current
+    and best weights, optimizer, schedule, history) that `resume` accepts to continue.
+    """
+    t = spec.train
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = device or torch.device("cpu")
+    seed_everything(t.seed + rank)
+
+    # --- model, optimiser, schedule ---------------------------------------------------------
+    model = create_model(spec.model).to(device)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if distributed else model
+    optimizer = build_optimizer(model, t)
+    per_rank_batch = max(1, t.batch_size // world)
+    train_set = FaceDataset(train_split, build_augment(spec.augment.strength, spec.data.image_size,
+                                                       seed=t.seed * 1000 + rank))
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=t.seed) if distributed \
+        else RandomSampler(train_set, generator=torch.Generator().manual_seed(t.seed))
+    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,
+                        drop_last=len(train_set) // world > per_rank_batch,
+                        num_workers=spec.data.loader_workers, persistent_workers=spec.data.loader_workers > 0,
+                        pin_memory=device.type == "cuda")
+    steps_per_epoch = max(1, len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t, steps_per_epoch))
+    amp_dtype = autocast_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    class_weights = inverse_frequency_weights(train_split.table["expression"].to_numpy(), labels,
+                                              NUM_EXPRESSIONS).to(device) if t.class_weights else None
+
+    start_epoch, best_objective, best_epoch, stale = 1, -math.inf, 0, 0
+    best_model, best_metrics, history = copy.deepcopy(model.state_dict()), {}, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        start_epoch = resume["epoch"] + 1
+        best_model, best_metrics, history = resume["best_model"], resume["best_metrics"], resume["history"]
+        best_objective, best_epoch, stale = resume["best_objective"], resume["best_epoch"], resume["stale"]
+
+    for epoch in range(start_epoch, t.epochs + 1):
+        started = time.perf_counter()
+        if distributed:
+            sampler.set_epoch(epoch)
+
+        # --- train one epoch ---------------------------------------------------------------
+        net.train()
+        loss_sum = torch.zeros(3, device=device)  # loss * n, correct, n
+        for step, (images, expression, valence, arousal) in enumerate(loader):
+            images = images.to(device, non_blocking=True).float().div_(255)
+            targets = {"expression": expression.to(device), "valence": valence.to(device),
+                       "arousal": arousal.to(device)}
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = net(images)
+                loss, _ = multitask_loss(outputs, targets, spec.loss, t.label_smoothing, class_weights)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
+                                       f"(lr {scheduler.get_last_lr()[0]:.3g})")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            labelled = targets["expression"] >= 0
+            loss_sum += torch.stack([loss.detach().float() * len(images),
+                                     (outputs["expression"].argmax(1)[labelled] == targets["expression"][labelled]).sum(),
+                                     labelled.sum()]).float()
+            if progress and rank == 0:
+                progress(f"epoch {epoch}/{t.epochs} step {step + 1}/{steps_per_epoch} loss {loss.item():.4f}")
+        if distributed:
+            dist.all_reduce(loss_sum)
+        train_loss = (loss_sum[0] / max(1, len(train_set))).item()
+        train_accuracy = (loss_sum[1] / loss_sum[2].clamp(min=1)).item()
+
+        # --- validate (sharded across ranks, gathered so every rank sees all predictions) ----
+        preds = gather_predictions(model, val_split, device, rank, world, distributed)
+        val = compute_metrics(val_split.targets(), preds, labels=labels)
+        val_flat = flat_metrics(val, prefix="val_")
+        objective = spec.search.score(flat_metrics(val))
+        val_loss = validation_loss(preds, val_split.targets(), spec.loss, labels)
+
+        # --- keep the best epoch, stop early -----------------------------------------------
+        improved = math.isfinite(objective) and objective > best_objective
+        if improved:
+            best_objective, best_epoch, stale = objective, epoch, 0
+            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_metrics = {"val": val, "train_accuracy": train_accuracy, "train_loss": train_loss}
+        else:
+            stale += 1
+        metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
+                   "train_accuracy": train_accuracy, "val_loss": val_loss, **val_flat,
+                   "objective": objective, "best_objective": best_objective, "best_epoch": best_epoch,
+                   "epoch_seconds": time.perf_counter() - started}
+        stop = t.early_stop_patience is not None and stale >= t.early_stop_patience
+        metrics["finished"] = stop or epoch == t.epochs
+        history.append(metrics)
+        checkpoint = {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "best_model": best_model, "best_metrics": best_metrics, "best_objective": best_objective,
+            "best_epoch": best_epoch, "stale": stale, "history": history, "labels": labels,
+            "spec": spec.model_dump(mode="json"),
+        }
+        report(metrics, checkpoint)
+        if stop:
+            break
+    return FitResult(best_model, best_metrics, best_epoch, history)
+
+
+def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """AdamW or SGD; norm layers and biases are excluded from weight decay unless asked for."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if (param.ndim <= 1 and not t.decay_norm_and_bias) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def lr_factor(t, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up for `warmup_epochs`, then cosine decay to zero (or constant)."""
+    warmup = int(t.warmup_epochs * steps_per_epoch)
+    total = max(1, t.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Mixed precision only on GPU: bf16 where supported (auto), fp16 on request."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def gather_predictions(model, split, device, rank: int, world: int, distributed: bool) -> dict:
+    if not distributed:
+        return predict(model, split, device)
+    shard = np.arange(rank, len(split), world)
+    local = predict(model, split, device, indices=shard)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (shard, local))
+    order = np.concatenate([idx for idx, _ in gathered])
+    merged = {k: np.concatenate([p[k] for _, p in gathered]) for k in local}
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return {k: v[inverse] for k, v in merged.items()}
+
+
+def validation_loss(preds: dict, targets: dict, loss_spec, labels) -> float:
+    """The training loss's terms on validation predictions (no smoothing): for learning curves."""
+    outputs = {"expression": torch.log(torch.from_numpy(preds["expression"]).clamp(min=1e-8)),
+               "valence": torch.from_numpy(preds["valence"]), "arousal": torch.from_numpy(preds["arousal"])}
+    tensors = {k: torch.from_numpy(v) for k, v in targets.items()}
+    loss, _ = multitask_loss(outputs, tensors, loss_spec)
+    return loss.item()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

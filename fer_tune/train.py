@@ -1,0 +1,170 @@
+"""`fer-tune train` and `fer-tune evaluate`: one config, trained once, tested once.
+
+Also home to what a search reuses after its trials: the test evaluation of a best model and the
+export of `best/` (a complete config that `fer-tune train` re-runs, plus the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fer_tune.data.prepare import PreparedData, open_prepared, prepare_data
+from fer_tune.errors import UserError
+from fer_tune.evaluate import evaluate_split
+from fer_tune.io import atomic_write, atomic_write_json, atomic_write_text
+from fer_tune.loop import fit
+from fer_tune.metrics import flat_metrics
+from fer_tune.model import create_model
+from fer_tune.spec import Spec, load_spec
+
+
+def choose_device(use_gpu) -> torch.device:
+    if use_gpu is True and not torch.cuda.is_available():
+        raise UserError("resources.use_gpu: true but no CUDA GPU is visible here; use auto or false")
+    if use_gpu is not False and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{out}: output folder is not writable ({err.strerror or err}); choose another with --out") from None
+
+
+def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
+    """Train one config into `out`, evaluate its best epoch once on the test split, export it."""
+    started = time.time()
+    out = Path(out)
+    check_writable(out)
+    device = choose_device(spec.resources.use_gpu)
+    if spec.space:
+        print(f"note: {spec.name} has a space: section; `train` runs its base values "
+              f"(`fer-tune run` searches it)")
+    spec = spec.with_values({})
+    atomic_write_text(out / "spec.yaml", spec.to_yaml())
+    prepared = prepare_data(spec.data, out)
+    train, val = prepared.load("train", verbose), prepared.load("val", verbose)
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"{spec.name}: {spec.model.backbone} on {len(train)} train / {len(val)} val images at "
+        f"{spec.data.image_size}px, device {device}; tasks: {', '.join(prepared.tasks)}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def report(metrics: dict, checkpoint: Optional[dict]) -> None:
+        for key, value in metrics.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("val_", "train_")) else key,
+                                  value, metrics["epoch"])
+        writer.flush()
+        if checkpoint is not None:
+            save_torch(out / "checkpoints" / "last.pt", checkpoint)
+        say(format_epoch(metrics, spec.train.epochs))
+
+    result = fit(spec, train, val, prepared.labels, report, device=device)
+    writer.close()
+    metrics = test_best_model(spec, prepared, result.best_model, device,
+                              extra={"best_epoch": result.best_epoch,
+                                     "val": flat_metrics(result.best_metrics.get("val", {})),
+                                     "train_accuracy": result.best_metrics.get("train_accuracy"),
+                                     "epochs_run": len(result.history),
+                                     "wall_seconds": round(time.time() - started, 1)},
+                              report_dir=out / "report")
+    export_best(out / "best", spec, result.best_model, prepared.labels)
+    say(format_test(metrics, out / "report" / "metrics.json"))
+    return metrics
+
+
+def test_best_model(spec: Spec, prepared: PreparedData, weights: dict, device, extra: dict,
+                    report_dir: Path) -> dict:
+    """The only place the test split is read: load it, evaluate once, write metrics.json."""
+    model = create_model(spec.model).to(device)
+    model.load_state_dict(weights)
+    test = prepared.load("test")
+    metrics, _ = evaluate_split(model, test, prepared.labels, device)
+    metrics.update({"split": "test", "test_images": len(test), "labels": prepared.labels,
+                    "data": {"source": spec.data.source, "root": str(spec.data.root or ""),
+                             "image_size": spec.data.image_size, **prepared.info}, **extra})
+    atomic_write_json(report_dir / "metrics.json", metrics)
+    return metrics
+
+
+def export_best(best_dir: Path, spec: Spec, weights: dict, labels: list[int]) -> None:
+    """`best/config.yaml` (complete, no space: re-runnable as is) and `best/model.pt`."""
+    spec = spec.with_values({})
+    atomic_write_text(best_dir / "config.yaml",
+                      f"# exported by fer-tune: `fer-tune train {best_dir / 'config.yaml'}` re-runs it\n"
+                      + spec.to_yaml())
+    save_torch(best_dir / "model.pt", {"model": weights, "labels": labels, "spec": spec.model_dump(mode="json")})
+
+
+def save_torch(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path):
+    """Checkpoints and exported weights never unpickle arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_model(path: Path) -> tuple[Path, Path]:
+    """(config.yaml, model.pt) of an experiment folder, its best/ folder, or a model file."""
+    path = Path(path)
+    for folder in ([path / "best", path] if path.is_dir() else [path.parent]):
+        if (folder / "config.yaml").is_file() and (folder / "model.pt").is_file():
+            return folder / "config.yaml", folder / "model.pt"
+    raise UserError(f"{path}: no trained model here (expected best/config.yaml and best/model.pt "
+                    f"from `fer-tune train` or `fer-tune run`)")
+
+
+def evaluate_model(model_path: Path, overrides: list[str], out: Optional[Path]) -> dict:
+    """Evaluate a trained model on the test split of its own data, or of data named by --set."""
+    config, weights_file = find_model(model_path)
+    spec = load_spec(config, overrides)
+    run_dir = config.parent.parent if config.parent.name == "best" else config.parent
+    own = load_spec(config).data == spec.data and (run_dir / "splits" / "data.json").exists()
+    tag = "own-test" if own else f"{spec.data.source}-{spec.data.image_size}px"
+    out = Path(out) if out else run_dir / "evaluate" / tag
+    check_writable(out)
+    prepared = open_prepared(spec.data, run_dir) if own else prepare_data(spec.data, out)
+    device = choose_device(spec.resources.use_gpu)
+    saved = load_torch(weights_file)
+    metrics = test_best_model(spec, prepared, saved["model"], device, extra={"model": str(weights_file)},
+                              report_dir=out)
+    print(format_test(metrics, out / "metrics.json"))
+    return metrics
+
+
+def format_epoch(m: dict, epochs: int) -> str:
+    parts = [f"epoch {m['epoch']:>3}/{epochs}", f"loss {m['train_loss']:.4f}", f"train acc {m['train_accuracy']:.3f}"]
+    for key, label in (("val_expression_accuracy", "val acc"), ("val_expression_f1", "val F1"),
+                       ("val_valence_ccc", "val V-CCC"), ("val_arousal_ccc", "val A-CCC")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.3f}")
+    parts.append(f"objective {m['objective']:.4f}{' *' if m['best_epoch'] == m['epoch'] else ''}")
+    parts.append(f"{m['epoch_seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def format_test(metrics: dict, out: Path) -> str:
+    lines = [f"test ({metrics['test_images']} images):"]
+    for task in ("expression", "valence", "arousal"):
+        if task in metrics:
+            values = ", ".join(f"{k} {v:.4f}" for k, v in metrics[task].items())
+            lines.append(f"  {task}: {values}")
+    if metrics.get("missing_tasks"):
+        lines.append(f"  not measured (no labels in this data): {', '.join(metrics['missing_tasks'])}")
+    lines.append(f"  written to {out}")
+    return "\n".join(lines)
