@@ -55,9 +55,12 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
     and best weights, optimizer, schedule, history) that `resume` accepts to continue.
     """
     t = spec.train
-    distributed = dist.is_available() and dist.is_initialized()
+    # A one-worker Ray Train run is plain training: same sampler, same numbers as `fer-tune train`.
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = device or torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     seed_everything(t.seed + rank)
 
     # --- model, optimiser, schedule ---------------------------------------------------------

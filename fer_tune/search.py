@@ -129,7 +129,6 @@ def train_worker(config: dict) -> None:
             save_torch(Path(folder) / CHECKPOINT_FILE, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     fit(spec, train, val, prepared.labels, report, device=ray.train.torch.get_device(), resume=resume)
 
 
@@ -201,7 +200,9 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     prepared.load("train"), prepared.load("val")  # build the shared caches once, before any trial
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+        # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train uses to free the
+        # placement groups of trials that ASHA stops; without it their CPUs are never released.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1",
                  log_to_driver=verbose > 1, configure_logging=verbose > 1,
                  runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}})

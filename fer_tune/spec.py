@@ -10,6 +10,7 @@ reported as one `UserError` line naming the file, the field and what is allowed.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import math
 from pathlib import Path
@@ -202,7 +203,7 @@ class SpaceEntry(Strict):
     choice: Optional[list[Any]] = None
     uniform: Optional[tuple[float, float]] = None
     loguniform: Optional[tuple[float, float]] = None
-    int: Optional[tuple[int, int]] = None
+    int: Optional[tuple[builtins.int, builtins.int]] = None
     log: bool = False
     when: dict[str, Union[Any, list[Any]]] = Field(default_factory=dict)
 

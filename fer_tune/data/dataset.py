@@ -24,7 +24,7 @@ class FaceDataset(Dataset):
         return len(self.expression)
 
     def __getitem__(self, i: int):
-        image = np.asarray(self.images[i])
+        image = np.array(self.images[i])  # a writable copy out of the read-only memory map
         if self.augment is not None:
             image = self.augment(image=image)["image"]
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)

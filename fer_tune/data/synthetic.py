@@ -56,7 +56,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-__all__ = ["AU_NAMES", "sample_faces", "render_face", "render_faces"]
+__all__ = ["AU_NAMES", "sample_faces", "render_face", "render_faces", "write_dataset"]
 
 AU_NAMES = (
     "au_brow_raise",  # AU1+2: whole brow up
@@ -634,3 +634,24 @@ def render_faces(table: pd.DataFrame, size: int) -> np.ndarray:
     for k, row in enumerate(table.to_dict("records")):
         out[k] = render_face(row, size)
     return out
+
+
+def write_dataset(out, n: int, size: int, seed: int = 0, label_noise: float = 0.05,
+                  identities: int = 100):
+    """Write `n` faces as PNGs plus `labels.csv` (a `data.source: csv` dataset). Returns the CSV path."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from fer_tune.io import atomic_write_text
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    table = sample_faces(n, seed=seed, label_noise=label_noise, identities=identities)
+    for i, row in enumerate(table.itertuples(index=False)):
+        Image.fromarray(render_face(row._asdict(), size)).save(out / "images" / f"{i:06d}.png")
+    labels = pd.DataFrame({"path": [f"images/{i:06d}.png" for i in range(n)],
+                           "expression": table["expression"], "valence": table["valence"].round(4),
+                           "arousal": table["arousal"].round(4), "subject": table["subject"]})
+    atomic_write_text(out / "labels.csv", labels.to_csv(index=False))
+    return out / "labels.csv"

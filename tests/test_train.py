@@ -1,0 +1,99 @@
+"""`fer-tune train` / `evaluate` end to end on tiny data, and the test split's isolation."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fer_tune.cli import main
+from fer_tune.data.synthetic import render_face, sample_faces
+from fer_tune.spec import load_spec
+
+from conftest import write_spec
+
+
+def test_train_synthetic_end_to_end(tiny_spec, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_spec), "--out", str(out)]) == 0
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert set(metrics["expression"]) == {"accuracy", "f1_macro", "kappa", "auc_roc", "auc_pr"}
+    for task in ("valence", "arousal"):
+        assert set(metrics[task]) == {"rmse", "pcc", "sagr", "ccc"}
+    assert metrics["missing_tasks"] == []
+    lo, hi = metrics["ci95"]["expression"]["accuracy"]
+    assert lo <= metrics["expression"]["accuracy"] <= hi
+    assert metrics["test_images"] == len(pd.read_csv(out / "splits" / "test.csv"))
+    assert 1 <= metrics["best_epoch"] <= 2 and metrics["epochs_run"] == 2
+
+    exported = load_spec(out / "best" / "config.yaml")
+    assert exported.space == {} and exported.model.backbone == "resnet10t"
+    saved = torch.load(out / "best" / "model.pt", weights_only=True)
+    assert saved["labels"] == list(range(8))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # evaluate reads the same test split and the same weights: the same numbers
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["expression"] == pytest.approx(metrics["expression"])
+    assert again["valence"] == pytest.approx(metrics["valence"])
+
+
+def make_folder_dataset(root, per_class=12, classes=("happy", "sad", "Angry")):
+    """A class-folder dataset (train/ and test/) of synthetic faces: expression labels only."""
+    table = sample_faces(400, seed=7)
+    ids = {"happy": 1, "sad": 2, "angry": 6}
+    for split, count in (("train", per_class), ("test", 4)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            rows = table[table["true_expression"] == ids[name.lower()]]
+            rows = rows.iloc[:count] if split == "train" else rows.iloc[-count:]
+            for i, row in enumerate(rows.itertuples(index=False)):
+                image = render_face(row._asdict(), 32)[..., 0]  # grayscale, like FER2013
+                Image.fromarray(image).save(folder / f"{i}.jpg")
+    (root / "train" / "happy" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_train_folder_source_lists_missing_tasks(tmp_path):
+    root = make_folder_dataset(tmp_path / "faces")
+    spec = write_spec(tmp_path / "spec.yaml", data={"source": "folder", "root": str(root), "image_size": 24,
+                                                    "split": {"val": 6, "test": 0.1, "seed": 0}},
+                      train={"epochs": 1, "batch_size": 16})
+    out = tmp_path / "run"
+    assert main(["train", str(spec), "--out", str(out)]) == 0
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["missing_tasks"] == ["valence", "arousal"]
+    assert "valence" not in metrics and "expression" in metrics
+    assert metrics["labels"] == [1, 2, 6] and metrics["test_images"] == 12
+    assert metrics["data"]["dropped"] == {"non-image files": 1}
+
+
+def test_test_split_is_read_only_by_the_final_evaluation(tiny_spec, tmp_path, monkeypatch):
+    import fer_tune.data.cache as cache
+    import fer_tune.train as train
+
+    reads, phase = [], {"now": "before"}
+    original_read, original_fit = cache.read_image, train.fit
+
+    def recording_read(data, row, **kw):
+        reads.append((phase["now"], row["image"]))
+        return original_read(data, row, **kw)
+
+    def fit_then_mark(*args, **kwargs):
+        result = original_fit(*args, **kwargs)
+        phase["now"] = "after fit"
+        return result
+
+    monkeypatch.setattr(cache, "read_image", recording_read)
+    monkeypatch.setattr(train, "fit", fit_then_mark)
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_spec), "--out", str(out)]) == 0
+    test_images = set(pd.read_csv(out / "splits" / "test.csv")["image"])
+    read_before = {image for when, image in reads if when == "before"}
+    read_after = {image for when, image in reads if when == "after fit"}
+    assert read_before and not (read_before & test_images)
+    assert read_after == test_images
