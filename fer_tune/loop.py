@@ -209,6 +209,10 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 def gather_predictions(model, split, device, rank: int, world: int, distributed: bool) -> dict:
     if not distributed:
         return predict(model, split, device)
+    # DDP syncs buffers (BatchNorm statistics) at the start of each forward, so after the last
+    # step ranks differ slightly: evaluate rank 0's model everywhere, the one that is checkpointed.
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
     shard = np.arange(rank, len(split), world)
     local = predict(model, split, device, indices=shard)
     gathered = [None] * world
@@ -222,9 +226,9 @@ def gather_predictions(model, split, device, rank: int, world: int, distributed:
 
 def validation_loss(preds: dict, targets: dict, loss_spec, labels) -> float:
     """The training loss's terms on validation predictions (no smoothing): for learning curves."""
-    outputs = {"expression": torch.log(torch.from_numpy(preds["expression"]).clamp(min=1e-8)),
-               "valence": torch.from_numpy(preds["valence"]), "arousal": torch.from_numpy(preds["arousal"])}
-    tensors = {k: torch.from_numpy(v) for k, v in targets.items()}
+    outputs = {"expression": torch.log(torch.as_tensor(preds["expression"]).clamp(min=1e-8)),
+               "valence": torch.as_tensor(preds["valence"]), "arousal": torch.as_tensor(preds["arousal"])}
+    tensors = {k: torch.tensor(v) for k, v in targets.items()}
     loss, _ = multitask_loss(outputs, tensors, loss_spec)
     return loss.item()
 

@@ -146,7 +146,7 @@ class LossSpec(Strict):
 
 class ResourcesSpec(Strict):
     workers_per_trial: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) of each training process")
     use_gpu: Union[bool, Literal["auto"]] = "auto"
     placement: Literal["pack", "spread"] = "pack"
 
