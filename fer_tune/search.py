@@ -231,7 +231,15 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
             metric=METRIC, mode="max", search_alg=ConcurrencyLimiter(searcher, concurrency), scheduler=scheduler,
             num_samples=spec.search.num_samples, max_concurrent_trials=concurrency))
     results = tuner.fit()
+    if results.num_terminated + results.num_errors < spec.search.num_samples:
+        raise SearchInterrupted(f"the search stopped before its {spec.search.num_samples} trials ended "
+                                f"({results.num_terminated} finished, {results.num_errors} errored); "
+                                f"finished trials are kept: resume with --resume --out {out}")
     return finish(spec, out, results, prepared, time.time() - started)
+
+
+class SearchInterrupted(UserError):
+    """Ctrl-C (or a stop) before every trial ended: nothing is lost, the search can resume."""
 
 
 def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:

@@ -120,3 +120,45 @@ def test_two_workers_run_ddp_and_report_metrics_of_the_whole_val_split(tmp_path)
     # every rank evaluated a shard; the reported numbers are those of the whole split
     assert reported["val_expression_accuracy"] == pytest.approx(local["expression_accuracy"], abs=1e-6)
     assert reported["val_valence_ccc"] == pytest.approx(local["valence_ccc"], abs=1e-4)
+
+
+def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path / "resume.yaml", name="resume", space={"model.dropout": {"uniform": [0.0, 0.4]}},
+                      train={"epochs": 2, "batch_size": 32},
+                      search={"num_samples": 3, "max_concurrent_trials": 1, "scheduler": {"type": "none"}})
+    out = tmp_path / "run"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "run", str(spec), "--out", str(out)],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    deadline = time.time() + 400
+    finished = []
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(2)
+        try:
+            study = optuna.load_study(study_name="resume", storage=storage)
+        except Exception:
+            continue
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if finished:
+            break
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+    assert finished, "no trial finished in time"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, like a crash
+    first.wait()
+    done_before = {t.params["model.dropout"] for t in finished}
+    checkpoints_before = {p for p in (out / "train").rglob("checkpoint.pt")}
+
+    assert main(["run", str(spec), "--out", str(out), "--resume"]) == 0
+    trials = pd.read_csv(out / "report" / "trials.csv")
+    assert len(trials) == 3
+    assert done_before <= set(trials["model.dropout"])
+    assert checkpoints_before <= {p for p in (out / "train").rglob("checkpoint.pt")}
+    study = optuna.load_study(study_name="resume", storage=storage)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 3
