@@ -72,11 +72,11 @@ class DataSpec(Strict):
         if self.source == "synthetic":
             return self
         if self.root is None:
-            raise ValueError(f"data.source '{self.source}' needs data.root (--set data.root=PATH)")
+            raise ValueError(f"source '{self.source}' needs a root folder or file (--set data.root=PATH)")
         root = self.root.expanduser().resolve()
         if not root.exists():
             raise ValueError(
-                f"data.root '{self.root}' does not exist; point it at your dataset with "
+                f"root '{self.root}' does not exist; point it at your dataset with "
                 f"--set data.root=PATH, or try search_spaces/quickstart.yaml (synthetic data)")
         self.root = root
         return self

@@ -97,3 +97,14 @@ def test_test_split_is_read_only_by_the_final_evaluation(tiny_spec, tmp_path, mo
     read_after = {image for when, image in reads if when == "after fit"}
     assert read_before and not (read_before & test_images)
     assert read_after == test_images
+
+
+def test_evaluate_a_synthetic_model_on_other_data(tiny_spec, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_spec), "--out", str(out), "--set", "train.epochs=1"]) == 0
+    root = make_folder_dataset(tmp_path / "faces", per_class=6)
+    assert main(["evaluate", str(out / "best"), "--set", "data.source=folder", "--set", f"data.root={root}",
+                 "--set", "data.split.val=3", "--out", str(tmp_path / "cross")]) == 0
+    metrics = json.loads((tmp_path / "cross" / "metrics.json").read_text())
+    assert metrics["missing_tasks"] == ["valence", "arousal"]
+    assert metrics["test_images"] == 12 and metrics["labels"] == [1, 2, 6]
