@@ -184,7 +184,6 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
@@ -228,7 +227,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=ConcurrencyLimiter(searcher, concurrency), scheduler=scheduler,
+            metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
             num_samples=spec.search.num_samples, max_concurrent_trials=concurrency))
     results = tuner.fit()
     if results.num_terminated + results.num_errors < spec.search.num_samples:

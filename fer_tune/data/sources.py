@@ -516,6 +516,23 @@ def _check_file_inside(path: Path, real_root: str, root: Path) -> None:
         raise UserError(f"{path}: path escapes the dataset root {root}: {rel!r} links to {target}")
 
 
+def _image_files(folder: Path, dropped: dict, real_root: str, root: Path,
+                 subfolder_reason: Optional[str] = None) -> Iterable[Path]:
+    """Image files directly in `folder`, sorted; other files and subfolders are counted in `dropped`."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir():
+            if subfolder_reason:
+                dropped[subfolder_reason] += 1
+            continue
+        if not _is_image_name(entry.name):
+            dropped[NON_IMAGE_FILES] += 1
+            continue
+        path = Path(entry.path)
+        if entry.is_symlink():
+            _check_file_inside(path, real_root, root)
+        yield path
+
+
 def _rel_posix(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
@@ -743,16 +760,8 @@ class AffectNetNpySource(Source):
                 ann = set(os.listdir(ann_dir))
             else:
                 ann = set()
-            for entry in sorted(os.scandir(folder / "images"), key=lambda e: e.name):
-                if entry.is_dir():
-                    continue
-                if not _is_image_name(entry.name):
-                    dropped[NON_IMAGE_FILES] += 1
-                    continue
-                path = Path(entry.path)
-                if entry.is_symlink():
-                    _check_file_inside(path, real_root, root)
-                stem = entry.name.rsplit(".", 1)[0]
+            for path in _image_files(folder / "images", dropped, real_root, root):
+                stem = path.name.rsplit(".", 1)[0]
                 exp = self._scalar(ann_dir, f"{stem}_exp.npy", ann, "expression")
                 val = self._scalar(ann_dir, f"{stem}_val.npy", ann, "valence")
                 aro = self._scalar(ann_dir, f"{stem}_aro.npy", ann, "arousal")
@@ -871,16 +880,8 @@ class FolderSource(Source):
             _check_file_inside(class_dir, real_root, root)
             label = self._class_id(class_dir.name)
             count = 0
-            for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-                if entry.is_dir():
-                    dropped["subfolders inside class folders (not read)"] += 1
-                    continue
-                if not _is_image_name(entry.name):
-                    dropped[NON_IMAGE_FILES] += 1
-                    continue
-                path = Path(entry.path)
-                if entry.is_symlink():
-                    _check_file_inside(path, real_root, root)
+            for path in _image_files(class_dir, dropped, real_root, root,
+                                     subfolder_reason="subfolders inside class folders (not read)"):
                 rows.append((_rel_posix(path, root), label, split))
                 count += 1
             if count == 0:
