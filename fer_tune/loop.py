@@ -48,11 +48,12 @@ class FitResult:
 
 def fit(spec, train_split, val_split, labels: list[int], report: Report,
         device: Optional[torch.device] = None, resume: Optional[dict] = None,
-        progress: Optional[Callable[[str], None]] = None) -> FitResult:
+        progress: Optional[Callable[[int, int, int, float], None]] = None) -> FitResult:
     """Train `spec` on `train_split`, validate on `val_split` each epoch, return the best epoch.
 
     `report(metrics, checkpoint)` gets flat metrics every epoch and a checkpoint dict (current
-    and best weights, optimizer, schedule, history) that `resume` accepts to continue.
+    and best weights, optimizer, schedule, history) that `resume` accepts to continue;
+    `progress(epoch, step, steps, loss)`, if given, is called after every step on rank 0.
     """
     t = spec.train
     # A one-worker Ray Train run is plain training: same sampler, same numbers as `fer-tune train`.
@@ -126,7 +127,7 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
                                      (outputs["expression"].argmax(1)[labelled] == targets["expression"][labelled]).sum(),
                                      labelled.sum()]).float()
             if progress and rank == 0:
-                progress(f"epoch {epoch}/{t.epochs} step {step + 1}/{steps_per_epoch} loss {loss.item():.4f}")
+                progress(epoch, step + 1, steps_per_epoch, loss.item())
         if distributed:
             dist.all_reduce(loss_sum)
         train_loss = (loss_sum[0] / max(1, len(train_set))).item()

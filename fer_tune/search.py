@@ -29,7 +29,7 @@ from fer_tune.data.prepare import open_prepared, prepare_data
 from fer_tune.errors import UserError
 from fer_tune.io import atomic_write_text
 from fer_tune.spec import Spec, SpaceEntry, load_spec
-from fer_tune.train import check_writable, export_best, format_test, load_torch, save_torch, test_best_model
+from fer_tune.train import check_writable, export_best, format_test, load_torch, save_torch, evaluate_on_test
 
 METRIC = "best_objective"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -256,7 +256,7 @@ def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
 
     device = choose_device(spec.resources.use_gpu)
     counts = trials["stop_reason"].value_counts().to_dict()
-    metrics = test_best_model(best_spec, prepared, state["best_model"], device, report_dir=out / "report", extra={
+    metrics = evaluate_on_test(best_spec, prepared, state["best_model"], device, report_dir=out / "report", extra={
         "best_trial": best["trial_id"], "best_epoch": int(state["best_epoch"]),
         "val": {k.removeprefix("val_"): v for k, v in best.items() if str(k).startswith("val_")},
         "train_accuracy": state["best_metrics"].get("train_accuracy"),

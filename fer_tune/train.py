@@ -73,9 +73,10 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
             save_torch(out / "checkpoints" / "last.pt", checkpoint)
         say(format_epoch(metrics, spec.train.epochs))
 
-    result = fit(spec, train, val, prepared.labels, report, device=device)
+    result = fit(spec, train, val, prepared.labels, report, device=device,
+                 progress=StepProgress() if verbose else None)
     writer.close()
-    metrics = test_best_model(spec, prepared, result.best_model, device,
+    metrics = evaluate_on_test(spec, prepared, result.best_model, device,
                               extra={"best_epoch": result.best_epoch,
                                      "val": flat_metrics(result.best_metrics.get("val", {})),
                                      "train_accuracy": result.best_metrics.get("train_accuracy"),
@@ -87,7 +88,24 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
     return metrics
 
 
-def test_best_model(spec: Spec, prepared: PreparedData, weights: dict, device, extra: dict,
+class StepProgress:
+    """A progress bar over one epoch's steps (shown on terminals only)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        from tqdm import tqdm
+
+        if step == 1:
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, disable=None)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == steps:
+            self.bar.close()
+
+
+def evaluate_on_test(spec: Spec, prepared: PreparedData, weights: dict, device, extra: dict,
                     report_dir: Path) -> dict:
     """The only place the test split is read: load it, evaluate once, write metrics.json."""
     model = create_model(spec.model).to(device)
@@ -141,7 +159,7 @@ def evaluate_model(model_path: Path, overrides: list[str], out: Optional[Path]) 
     prepared = open_prepared(spec.data, run_dir) if own else prepare_data(spec.data, out)
     device = choose_device(spec.resources.use_gpu)
     saved = load_torch(weights_file)
-    metrics = test_best_model(spec, prepared, saved["model"], device, extra={"model": str(weights_file)},
+    metrics = evaluate_on_test(spec, prepared, saved["model"], device, extra={"model": str(weights_file)},
                               report_dir=out)
     print(format_test(metrics, out / "metrics.json"))
     return metrics
