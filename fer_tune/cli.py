@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from fer_tune.errors import UserError
+from fer_tune.errors import SearchInterrupted, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.handler(args)
+    except SearchInterrupted as err:
+        print(f"fer-tune: {err}", file=sys.stderr)
+        return 130
     except UserError as err:
         print(f"fer-tune: error: {err}", file=sys.stderr)
         return 2
@@ -91,9 +94,15 @@ def _evaluate(args) -> None:
 
 def _synth(args) -> None:
     from fer_tune.data.synthetic import write_dataset
+    from fer_tune.io import check_writable
 
-    if args.n < 1 or not 16 <= args.size <= 1024:
-        raise UserError("--n must be >= 1 and --size between 16 and 1024")
+    if args.n < 1:
+        raise UserError(f"--n {args.n}: must be >= 1 (the number of faces to write)")
+    if not 16 <= args.size <= 1024:
+        raise UserError(f"--size {args.size}: must be between 16 and 1024 (pixels)")
+    if not 0 <= args.label_noise <= 1:
+        raise UserError(f"--label-noise {args.label_noise:g}: must be between 0 and 1 (the share of wrong labels)")
+    check_writable(args.out)
     path = write_dataset(args.out, n=args.n, size=args.size, seed=args.seed, label_noise=args.label_noise)
     print(f"wrote {args.n} synthetic faces to {path} (use --set data.source=csv --set data.root={path})")
 

@@ -8,3 +8,7 @@ the file / field / path and what would be valid.
 
 class UserError(Exception):
     """Bad input: a spec, a path, a dataset. `str(err)` is what the user sees."""
+
+
+class SearchInterrupted(UserError):
+    """Ctrl-C (or a stop) before every trial ended: finished trials are kept, the search can resume."""

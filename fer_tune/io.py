@@ -41,3 +41,19 @@ def atomic_save_npy(path: Path, array) -> None:
             np.save(f, array)
 
     atomic_write(path, write)
+
+
+def check_writable(out: Path) -> None:
+    """Create the output folder `out` if needed and prove a file can be written in it."""
+    from fer_tune.errors import UserError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output folder is an existing file, not a folder; choose another with --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{out}: output folder is not writable ({err.strerror or err}); choose another with --out") from None

@@ -111,7 +111,7 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = net(images)
                 loss, _ = multitask_loss(outputs, targets, spec.loss, t.label_smoothing, class_weights)
-            if not torch.isfinite(loss):
+            if not distributed and not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} "
                                        f"(lr {scheduler.get_last_lr()[0]:.3g})")
             optimizer.zero_grad(set_to_none=True)
@@ -129,12 +129,17 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
             if progress and rank == 0:
                 progress(epoch, step + 1, steps_per_epoch, loss.item())
         if distributed:
-            dist.all_reduce(loss_sum)
+            dist.all_reduce(loss_sum)  # every rank sees a NaN on any rank and stops together
         train_loss = (loss_sum[0] / max(1, len(train_set))).item()
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch} (lr {scheduler.get_last_lr()[0]:.3g})")
         train_accuracy = (loss_sum[1] / loss_sum[2].clamp(min=1)).item()
 
         # --- validate (sharded across ranks, gathered so every rank sees all predictions) ----
         preds = gather_predictions(model, val_split, device, rank, world, distributed)
+        if not all(np.isfinite(p).all() for p in preds.values()):
+            raise TrainingDiverged(f"validation outputs became nan/inf after epoch {epoch} "
+                                   f"(lr {scheduler.get_last_lr()[0]:.3g})")
         val = compute_metrics(val_split.targets(), preds, labels=labels)
         val_flat = flat_metrics(val, prefix="val_")
         objective = spec.search.score(flat_metrics(val))
@@ -151,6 +156,7 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
         metrics = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
                    "train_accuracy": train_accuracy, "val_loss": val_loss, **val_flat,
                    "objective": objective, "best_objective": best_objective, "best_epoch": best_epoch,
+                   "resumed_from_epoch": start_epoch - 1,
                    "epoch_seconds": time.perf_counter() - started}
         stop = t.early_stop_patience is not None and stale >= t.early_stop_patience
         metrics["finished"] = stop or epoch == t.epochs

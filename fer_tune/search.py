@@ -26,7 +26,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from fer_tune.data.prepare import open_prepared, prepare_data
-from fer_tune.errors import UserError
+from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_text
 from fer_tune.spec import Spec, SpaceEntry, load_spec
 from fer_tune.train import check_writable, export_best, format_test, load_torch, save_torch, evaluate_on_test
@@ -108,7 +108,7 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from fer_tune.loop import fit
+    from fer_tune.loop import TrainingDiverged, fit
 
     spec = Spec.model_validate(config["spec"])
     prepared = open_prepared(spec.data, Path(config["experiment_dir"]))
@@ -121,7 +121,10 @@ def train_worker(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             resume = load_torch(Path(folder) / CHECKPOINT_FILE)
 
+    last: dict = {"metrics": {METRIC: float("nan"), "epoch": 0}, "state": {}}
+
     def report(metrics: dict, state: Optional[dict]) -> None:
+        last.update(metrics=metrics, state=state or last["state"])
         if rank != 0 or state is None:
             ray.train.report(metrics)
             return
@@ -129,7 +132,13 @@ def train_worker(config: dict) -> None:
             save_torch(Path(folder) / CHECKPOINT_FILE, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    fit(spec, train, val, prepared.labels, report, device=ray.train.torch.get_device(), resume=resume)
+    try:
+        fit(spec, train, val, prepared.labels, report, device=ray.train.torch.get_device(), resume=resume)
+    except TrainingDiverged as err:
+        # Report instead of raising: Train would retry it from its checkpoint, to diverge again.
+        # The report carries a checkpoint because the trial function reads the run's result,
+        # whose metrics are those of its latest checkpoint.
+        report({**last["metrics"], "finished": False, "diverged": str(err)}, {**last["state"], "diverged": str(err)})
 
 
 def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str):
@@ -155,7 +164,12 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str):
                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
                                  failure_config=FailureConfig(max_failures=sampled.search.max_failures)),
         )
-        trainer.fit()
+        result = trainer.fit()
+        diverged = (result.metrics or {}).get("diverged")
+        if diverged:
+            from fer_tune.loop import TrainingDiverged
+
+            raise TrainingDiverged(diverged)
 
     return trial
 
@@ -189,15 +203,13 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
 
     started = time.time()
     out = Path(out).resolve()
-    check_writable(out)
     _check_same_experiment(spec, out, resume)
+    check_writable(out)
     atomic_write_text(out / "spec.yaml", spec.to_yaml())
     if not spec.space:
         print(f"note: {spec.name} has no space: section; every trial trains the same config")
 
-    prepared = prepare_data(spec.data, out)
-    prepared.load("train"), prepared.load("val")  # build the shared caches once, before any trial
-
+    prepared = prepare_data(spec.data, out)  # reads and splits the labels: bad data fails here
     if not ray.is_initialized():
         # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train uses to free the
         # placement groups of trials that ASHA stops; without it their CPUs are never released.
@@ -206,6 +218,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
                  runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}})
     use_gpu, concurrency = _placement(spec)
+    prepared.load("train"), prepared.load("val")  # build the shared caches once, before any trial
     storage = str(out)
 
     sampler = (optuna.samplers.RandomSampler(seed=spec.search.searcher.seed) if spec.search.searcher.type == "random"
@@ -219,12 +232,14 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
                  if sched.type == "asha" else FIFOScheduler())
     # The trial function only waits on its TorchTrainer: it holds memory, not a CPU a worker needs.
     trial = tune.with_resources(make_trial(spec, out, use_gpu, str(out / "train")), {"cpu": 0, "memory": 256 * 2**20})
+    # Crashed workers are retried by Ray Train from the trial's last checkpoint; a trial that
+    # fails anyway (diverged, raised) stays errored, also when the search is resumed.
     run_config = tune.RunConfig(name="tune", storage_path=storage, verbose=verbose,
-                                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures))
+                                failure_config=tune.FailureConfig(max_failures=0))
     tune_dir = out / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
         print(f"resuming the search in {tune_dir}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
@@ -237,15 +252,12 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     return finish(spec, out, results, prepared, time.time() - started)
 
 
-class SearchInterrupted(UserError):
-    """Ctrl-C (or a stop) before every trial ended: nothing is lost, the search can resume."""
-
 
 def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
     """Test the best trial's best epoch once, write trials.csv and export best/."""
     trials = trial_table(spec, results)
     atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
-    done = trials[trials["checkpoint"].astype(bool)]
+    done = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
     if done.empty:
         reasons = "; ".join(sorted(set(trials["error"].dropna().astype(str))))[:500]
         raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
@@ -256,13 +268,13 @@ def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
 
     device = choose_device(spec.resources.use_gpu)
     counts = trials["stop_reason"].value_counts().to_dict()
+    export_best(out / "best", best_spec, state["best_model"], prepared.labels)  # before the test: never lost
     metrics = evaluate_on_test(best_spec, prepared, state["best_model"], device, report_dir=out / "report", extra={
         "best_trial": best["trial_id"], "best_epoch": int(state["best_epoch"]),
         "val": {k.removeprefix("val_"): v for k, v in best.items() if str(k).startswith("val_")},
         "train_accuracy": state["best_metrics"].get("train_accuracy"),
         "trials": int(len(trials)), "trial_outcomes": {str(k): int(v) for k, v in counts.items()},
         "epochs_spent": int(trials["epochs"].sum()), "wall_seconds": round(wall, 1)})
-    export_best(out / "best", best_spec, state["best_model"], prepared.labels)
     print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.4f} at epoch {int(state['best_epoch'])}; "
           f"{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(format_test(metrics, out / "report" / "metrics.json"))
@@ -288,7 +300,7 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
                "epochs": epochs, "stop_reason": reason,
                "error": _one_line(result.error) if result.error is not None else None,
                METRIC: last.get(METRIC, math.nan), "best_epoch": last.get("best_epoch")}
-        if history is not None and not history.empty and "objective" in history:
+        if history is not None and "objective" in history and history["objective"].notna().any():
             best_row = history.loc[history["objective"].idxmax()]
             row.update({k: best_row[k] for k in history.columns if str(k).startswith("val_") or k == "train_accuracy"})
         row["checkpoint"] = last.get("checkpoint_path") or ""
@@ -334,6 +346,15 @@ def _check_same_experiment(spec: Spec, out: Path, resume: bool) -> None:
         before = load_spec(saved)
     except UserError:
         raise UserError(f"{saved}: the experiment folder's spec is unreadable; use another --out") from None
-    if before.model_dump() != spec.model_dump():
-        raise UserError(f"{out} holds a different experiment (spec.yaml differs from {spec.name}'s spec); "
+    differences = _differences(before.model_dump(mode="json"), spec.model_dump(mode="json"))
+    if differences:
+        raise UserError(f"{out} holds a different experiment ({differences[0]}"
+                        f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); "
                         f"use another --out, or the same spec and --set values to resume it")
+
+
+def _differences(before: Any, now: Any, path: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for key in dict.fromkeys([*before, *now])
+                for d in _differences(before.get(key), now.get(key), f"{path}.{key}" if path else key)]
+    return [] if before == now else [f"{path}: folder has {before!r}, this spec has {now!r}"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -33,7 +34,7 @@ SEARCHABLE_SECTIONS = ("data", "model", "train", "augment", "loss")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SyntheticSpec(Strict):
@@ -72,11 +73,12 @@ class DataSpec(Strict):
         if self.source == "synthetic":
             return self
         if self.root is None:
-            raise ValueError(f"source '{self.source}' needs a root folder or file (--set data.root=PATH)")
+            raise ValueError(f"data.root is not set: source '{self.source}' needs a root folder or file "
+                             f"(--set data.root=PATH)")
         root = self.root.expanduser().resolve()
         if not root.exists():
             raise ValueError(
-                f"root '{self.root}' does not exist; point it at your dataset with "
+                f"data.root '{self.root}' does not exist; point it at your dataset with "
                 f"--set data.root=PATH, or try search_spaces/quickstart.yaml (synthetic data)")
         self.root = root
         return self
@@ -344,9 +346,12 @@ def read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a spec YAML file")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read spec file ({err.__class__.__name__}: {err})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                        f"{err.start}); a spec must be a UTF-8 YAML file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read spec file ({err.strerror or err})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -383,9 +388,24 @@ def validate_spec(raw: dict, source: str = "spec") -> Spec:
         raise UserError(f"{source}: {_first_error(err)}") from None
 
 
+def _clean_loc(raw_loc) -> list:
+    raw_loc = list(raw_loc)
+    # 'int' is also a SpaceEntry field: it is one when a tuple position (an int) follows it
+    return [p for i, p in enumerate(raw_loc) if not _is_type_tag(p)
+            or (p == "int" and i + 1 < len(raw_loc) and isinstance(raw_loc[i + 1], int))]
+
+
 def _first_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = [p for p in e["loc"] if not _is_type_tag(p)]
+    errors = err.errors()
+    e = errors[0]
+    loc = _clean_loc(e["loc"])
+    # A union field (use_gpu: bool or 'auto') fails once per member: say every alternative.
+    same = [x for x in errors if _clean_loc(x["loc"]) == loc and x["type"] != "extra_forbidden"]
+    if len(same) > 1 and e["type"] != "extra_forbidden" and all(
+            x["msg"].startswith("Input should be ") for x in same):
+        alternatives = [re.sub(r", (unable|got) .*$", "", x["msg"]).removeprefix("Input should be ")
+                        for x in same]
+        e = {**e, "msg": "Input should be " + " or ".join(dict.fromkeys(alternatives))}
     where = ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
@@ -393,6 +413,11 @@ def _first_error(err: ValidationError) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
     shown = "" if e["type"] in ("missing", "value_error") or isinstance(value, dict) else f" (got {value!r})"
+    kinds = [p for p in loc[2:] if p in ("uniform", "loguniform", "int")] if loc and loc[0] == "space" else []
+    if kinds:
+        shown += f"; {kinds[0]} takes [low, high]"
+    if where and msg.startswith(f"{where}."):
+        return f"{msg}{shown}"  # the message names the field itself (e.g. data.root)
     return f"{where}: {msg}{shown}" if where else msg
 
 

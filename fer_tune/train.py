@@ -7,6 +7,7 @@ export of `best/` (a complete config that `fer-tune train` re-runs, plus the wei
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,8 @@ import torch
 from fer_tune.data.prepare import PreparedData, open_prepared, prepare_data
 from fer_tune.errors import UserError
 from fer_tune.evaluate import evaluate_split
-from fer_tune.io import atomic_write, atomic_write_json, atomic_write_text
-from fer_tune.loop import fit
+from fer_tune.io import atomic_write, atomic_write_json, atomic_write_text, check_writable  # noqa: F401 (search.py imports it from here)
+from fer_tune.loop import TrainingDiverged, fit
 from fer_tune.metrics import flat_metrics
 from fer_tune.model import create_model
 from fer_tune.spec import Spec, load_spec
@@ -30,16 +31,6 @@ def choose_device(use_gpu) -> torch.device:
     if use_gpu is not False and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"{out}: output folder is not writable ({err.strerror or err}); choose another with --out") from None
 
 
 def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
@@ -73,9 +64,15 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
             save_torch(out / "checkpoints" / "last.pt", checkpoint)
         say(format_epoch(metrics, spec.train.epochs))
 
-    result = fit(spec, train, val, prepared.labels, report, device=device,
-                 progress=StepProgress() if verbose else None)
-    writer.close()
+    try:
+        result = fit(spec, train, val, prepared.labels, report, device=device,
+                     progress=StepProgress() if verbose else None)
+    except TrainingDiverged as err:
+        raise UserError(f"{' '.join(str(err).split())}: the recipe diverged; lower train.lr "
+                        f"(now {spec.train.lr:g}) or set train.grad_clip, e.g. --set train.grad_clip=1.0") from None
+    finally:
+        writer.close()
+    export_best(out / "best", spec, result.best_model, prepared.labels)  # before the test: never lost
     metrics = evaluate_on_test(spec, prepared, result.best_model, device,
                               extra={"best_epoch": result.best_epoch,
                                      "val": flat_metrics(result.best_metrics.get("val", {})),
@@ -83,7 +80,6 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
                                      "epochs_run": len(result.history),
                                      "wall_seconds": round(time.time() - started, 1)},
                               report_dir=out / "report")
-    export_best(out / "best", spec, result.best_model, prepared.labels)
     say(format_test(metrics, out / "report" / "metrics.json"))
     return metrics
 
@@ -137,9 +133,41 @@ def load_torch(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_model_file(weights_file: Path, spec: Spec, config: Path) -> dict:
+    """An exported model.pt, checked to load into the network its config describes."""
+    try:
+        saved = load_torch(weights_file)
+        weights = saved["model"]
+    except pickle.UnpicklingError:
+        reason = "not a torch file of tensors"
+        raise UserError(f"{weights_file}: not a readable model file ({reason}); expected best/model.pt "
+                        f"as exported by `fer-tune train` or `fer-tune run`") from None
+    except Exception as err:  # torch raises many kinds (RuntimeError, EOFError, KeyError...)
+        reason = " ".join(str(err).split()).split(". ")[0][:120] or type(err).__name__
+        raise UserError(f"{weights_file}: not a readable model file ({reason}); expected best/model.pt "
+                        f"as exported by `fer-tune train` or `fer-tune run`") from None
+    expected = create_model(spec.model).state_dict()
+    if not isinstance(weights, dict):
+        raise UserError(f"{weights_file}: holds no model weights; expected best/model.pt as exported by "
+                        f"`fer-tune train` or `fer-tune run`")
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and tuple(getattr(weights[k], "shape", ())) !=
+                tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise UserError(f"{weights_file}: the weights do not fit model.backbone '{spec.model.backbone}' of "
+                        f"{config} ({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} "
+                        f"mis-shaped tensors, e.g. '{example}'); evaluate with the config.yaml saved beside them")
+    return saved
+
+
 def find_model(path: Path) -> tuple[Path, Path]:
     """(config.yaml, model.pt) of an experiment folder, its best/ folder, or a model file."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: does not exist; give an experiment folder, its best/ folder or "
+                        f"a model.pt from `fer-tune train` or `fer-tune run`")
     for folder in ([path / "best", path] if path.is_dir() else [path.parent]):
         if (folder / "config.yaml").is_file() and (folder / "model.pt").is_file():
             return folder / "config.yaml", folder / "model.pt"
@@ -151,6 +179,7 @@ def evaluate_model(model_path: Path, overrides: list[str], out: Optional[Path]) 
     """Evaluate a trained model on the test split of its own data, or of data named by --set."""
     config, weights_file = find_model(model_path)
     spec = load_spec(config, overrides)
+    saved = load_model_file(weights_file, spec, config)
     run_dir = config.parent.parent if config.parent.name == "best" else config.parent
     own = load_spec(config).data == spec.data and (run_dir / "splits" / "data.json").exists()
     tag = "own-test" if own else f"{spec.data.source}-{spec.data.image_size}px"
@@ -158,7 +187,6 @@ def evaluate_model(model_path: Path, overrides: list[str], out: Optional[Path]) 
     check_writable(out)
     prepared = open_prepared(spec.data, run_dir) if own else prepare_data(spec.data, out)
     device = choose_device(spec.resources.use_gpu)
-    saved = load_torch(weights_file)
     metrics = evaluate_on_test(spec, prepared, saved["model"], device, extra={"model": str(weights_file)},
                               report_dir=out)
     print(format_test(metrics, out / "metrics.json"))

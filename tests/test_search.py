@@ -1,6 +1,7 @@
 """`fer-tune run` end to end on a real local Ray cluster (tiny trials, CPU)."""
 
 import json
+import os
 import math
 
 import optuna
@@ -40,12 +41,26 @@ def test_conditional_space_samples_only_matching_entries(tmp_path):
     assert seen == {"resnet10t", "mobilenetv3_small_050"}
 
 
+# SGD at lr 1e8 diverges at once: the search must record that trial as errored and go on.
+SEARCH_SPACE = {
+    "model.backbone": {"choice": ["resnet10t", "mobilenetv3_small_050"]},
+    "train.optimizer": {"choice": ["adamw", "sgd"]},
+    "train.lr": [{"loguniform": [1.0e-3, 1.0e-2], "when": {"train.optimizer": "adamw"}},
+                 {"loguniform": [1.0e+8, 1.0e+9], "when": {"train.optimizer": "sgd"}}],
+    "model.dropout": {"uniform": [0.0, 0.4]},
+}
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
-    """One tiny search shared by the checks below (Ray start-up is the expensive part)."""
+    """One tiny search shared by the checks below (Ray start-up is the expensive part).
+
+    With TPE seed 2 the four trials are three AdamW ones (both backbones) and one diverging SGD one.
+    """
     tmp = tmp_path_factory.mktemp("search")
-    spec = write_spec(tmp / "search.yaml", space=SPACE, train={"epochs": 3, "batch_size": 32, "warmup_epochs": 0},
-                      search={"num_samples": 4, "searcher": {"type": "optuna", "seed": 1},
+    spec = write_spec(tmp / "search.yaml", space=SEARCH_SPACE,
+                      train={"epochs": 3, "batch_size": 32, "warmup_epochs": 0},
+                      search={"num_samples": 4, "searcher": {"type": "optuna", "seed": 2},
                               "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}})
     out = tmp / "run"
     assert main(["run", str(spec), "--out", str(out)]) == 0
@@ -56,13 +71,19 @@ def test_search_outcome(searched):
     spec, out = searched
     trials = pd.read_csv(out / "report" / "trials.csv")
     assert len(trials) == 4
-    assert (trials["stop_reason"] == "stopped by ASHA").sum() >= 1
-    assert set(trials["stop_reason"]) <= {"completed", "stopped by ASHA"}
-    assert {"model.backbone", "train.lr", "model.dropout", "epochs", "best_objective"} <= set(trials.columns)
+    assert {"model.backbone", "train.optimizer", "train.lr", "model.dropout", "epochs",
+            "best_objective"} <= set(trials.columns)
+    errored = trials[trials["stop_reason"] == "errored"]
+    assert errored["train.optimizer"].tolist() == ["sgd"]
+    assert "became nan" in errored["error"].iloc[0]
+    healthy = trials[trials["stop_reason"] != "errored"]
+    assert (healthy["stop_reason"] == "stopped by ASHA").sum() >= 1
+    assert set(healthy["stop_reason"]) <= {"completed", "stopped by ASHA"}
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(study.trials) == 4
     assert all(t.state.is_finished() for t in study.trials)
+    assert sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials) == 1
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert set(metrics["expression"]) == {"accuracy", "f1_macro", "kappa", "auc_roc", "auc_pr"}
@@ -162,3 +183,37 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
     assert checkpoints_before <= {p for p in (out / "train").rglob("checkpoint.pt")}
     study = optuna.load_study(study_name="resume", storage=storage)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 3
+
+
+def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path / "worker.yaml", name="worker", train={"epochs": 4, "batch_size": 16},
+                      data={"synthetic": {"n": 400, "identities": 40}},
+                      search={"num_samples": 1, "max_failures": 2, "scheduler": {"type": "none"}})
+    out = tmp_path / "run"
+    log = open(tmp_path / "run.log", "w")
+    run = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "run", str(spec), "--out", str(out)],
+                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None and killed is None:
+        time.sleep(0.5)
+        progress = list((out / "tune").glob("trial_*/progress.csv"))
+        if progress and len(pd.read_csv(progress[0])) >= 2:
+            pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+            if pids:
+                killed = int(pids[0])
+                os.kill(killed, signal.SIGKILL)  # the training process dies mid-trial
+    assert killed, (tmp_path / "run.log").read_text()[-3000:]
+    assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+    history = pd.read_csv(next((out / "tune").glob("trial_*/progress.csv")))
+    epochs = history["epoch"].tolist()
+    assert epochs == sorted(epochs) and epochs[-1] == 4  # no epoch trained twice from scratch
+    assert history["resumed_from_epoch"].max() >= 2  # the restarted worker loaded a checkpoint
+    trials = pd.read_csv(out / "report" / "trials.csv")
+    assert trials["stop_reason"].tolist() == ["completed"]

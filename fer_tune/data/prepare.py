@@ -60,7 +60,7 @@ def prepare_data(data_spec, out_dir: Path) -> PreparedData:
     out_dir = Path(out_dir)
     table = load_table(data_spec)
     splits_dir = out_dir / "splits"
-    make_splits(table, data_spec.split, splits_dir)
+    make_splits(table, data_spec.split, splits_dir, where=str(data_spec.root or ""))
     tables = _read_splits(splits_dir)
     train = tables["train"]
     tasks = (["expression"] if (train["expression"] >= 0).any() else []) + \

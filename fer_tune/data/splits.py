@@ -33,8 +33,10 @@ def resolve_size(size: float, total: int) -> int:
     return int(size) if size >= 1 else max(1, round(size * total))
 
 
-def make_splits(table: pd.DataFrame, split_spec, splits_dir: Path) -> Path:
-    """Write train/val/test CSVs to `splits_dir` unless the same split is already there."""
+def make_splits(table: pd.DataFrame, split_spec, splits_dir: Path, where: str = "") -> Path:
+    """Write train/val/test CSVs to `splits_dir` unless the same split is already there.
+
+    `where` names the data in error messages (its root folder or file)."""
     splits_dir = Path(splits_dir)
     recipe = {"val": split_spec.val, "test": split_spec.test, "seed": split_spec.seed,
               "table": table_fingerprint(table)}
@@ -49,7 +51,7 @@ def make_splits(table: pd.DataFrame, split_spec, splits_dir: Path) -> Path:
         return splits_dir
 
     splits = draw_splits(table, split_spec)
-    check_splits(splits)
+    check_splits(splits, where)
     splits_dir.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
         atomic_write_text(splits_dir / f"{name}.csv", part.to_csv(index=False))
@@ -93,16 +95,20 @@ def _split_off(pool: pd.DataFrame, n: int, seed: int, name: str) -> tuple[pd.Dat
     return pool.iloc[np.sort(keep)], pool.iloc[np.sort(held)]
 
 
-def check_splits(splits: dict[str, pd.DataFrame]) -> None:
+def check_splits(splits: dict[str, pd.DataFrame], where: str = "") -> None:
+    prefix = f"{where}: " if where else ""
     train_classes = set(splits["train"]["expression"]) - {-1}
     for name in ("val", "test"):
         if splits[name].empty:
-            raise UserError(f"the {name} split is empty; check data.split.{name}")
+            raise UserError(f"{prefix}the {name} split is empty; check data.split.{name}")
         unseen = sorted(set(splits[name]["expression"]) - {-1} - train_classes)
         if unseen:
             names = ", ".join(f"{c} ({EXPRESSIONS[c]})" for c in unseen)
-            raise UserError(f"the {name} split has expression classes the training split lacks: {names}; "
-                            f"a model cannot learn them (add training images of those classes)")
+            given = (splits[name]["source_split"] == name).any() if "source_split" in splits[name] else False
+            fix = (f"add training images of those classes, or remove them from the dataset's own {name} split"
+                   if given else "add training images of those classes")
+            raise UserError(f"{prefix}the {name} split has expression classes the training split lacks: "
+                            f"{names}; a model cannot learn them ({fix})")
 
 
 def _diff(made: dict, wanted: dict) -> str:
