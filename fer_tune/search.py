@@ -28,7 +28,7 @@ import pandas as pd
 from fer_tune.data.prepare import open_prepared, prepare_data
 from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_text
-from fer_tune.spec import Spec, SpaceEntry, load_spec
+from fer_tune.spec import Spec, SpaceEntry, describe_differences, load_spec
 from fer_tune.train import check_writable, export_best, format_test, load_torch, save_torch, evaluate_on_test
 
 METRIC = "best_objective"
@@ -106,7 +106,6 @@ def train_worker(config: dict) -> None:
     """One Ray Train worker: `fit()` with `ray.train.report` as its report callback."""
     import ray.train
     import ray.train.torch
-    import torch
 
     from fer_tune.loop import TrainingDiverged, fit
 
@@ -346,15 +345,9 @@ def _check_same_experiment(spec: Spec, out: Path, resume: bool) -> None:
         before = load_spec(saved)
     except UserError:
         raise UserError(f"{saved}: the experiment folder's spec is unreadable; use another --out") from None
-    differences = _differences(before.model_dump(mode="json"), spec.model_dump(mode="json"))
+    differences = describe_differences(before.model_dump(mode="json"), spec.model_dump(mode="json"),
+                                       "folder has", "this spec has")
     if differences:
         raise UserError(f"{out} holds a different experiment ({differences[0]}"
                         f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); "
                         f"use another --out, or the same spec and --set values to resume it")
-
-
-def _differences(before: Any, now: Any, path: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(now, dict):
-        return [d for key in dict.fromkeys([*before, *now])
-                for d in _differences(before.get(key), now.get(key), f"{path}.{key}" if path else key)]
-    return [] if before == now else [f"{path}: folder has {before!r}, this spec has {now!r}"]

@@ -287,6 +287,15 @@ class Spec(Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def describe_differences(before: Any, now: Any, before_label: str, now_label: str, path: str = "") -> list[str]:
+    """Each leaf where two nested dicts differ, as "path: <before_label> X, <now_label> Y"."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for key in dict.fromkeys([*before, *now])
+                for d in describe_differences(before.get(key), now.get(key), before_label, now_label,
+                                              f"{path}.{key}" if path else key)]
+    return [] if before == now else [f"{path}: {before_label} {before!r}, {now_label} {now!r}"]
+
+
 def _check_space_key(key: str, base: dict) -> None:
     parts = key.split(".")
     if parts[0] not in SEARCHABLE_SECTIONS:

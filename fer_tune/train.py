@@ -6,9 +6,7 @@ export of `best/` (a complete config that `fer-tune train` re-runs, plus the wei
 
 from __future__ import annotations
 
-import json
 import pickle
-import sys
 import time
 from pathlib import Path
 from typing import Optional

@@ -19,6 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from fer_tune import EXPRESSIONS
 from fer_tune.errors import UserError
 from fer_tune.io import atomic_write_text
+from fer_tune.spec import describe_differences
 
 SPLITS = ("train", "val", "test")
 
@@ -46,7 +47,8 @@ def make_splits(table: pd.DataFrame, split_spec, splits_dir: Path, where: str = 
         if made != recipe:
             raise UserError(
                 f"{splits_dir}: an existing split was made from different data or split settings "
-                f"({_diff(made, recipe)}); it is never redrawn silently: use another --out folder "
+                f"({', '.join(describe_differences(made, recipe, 'split has', 'spec wants'))}); "
+                f"it is never redrawn silently: use another --out folder "
                 f"or delete {splits_dir}")
         return splits_dir
 
@@ -110,7 +112,3 @@ def check_splits(splits: dict[str, pd.DataFrame], where: str = "") -> None:
             raise UserError(f"{prefix}the {name} split has expression classes the training split lacks: "
                             f"{names}; a model cannot learn them ({fix})")
 
-
-def _diff(made: dict, wanted: dict) -> str:
-    return ", ".join(f"{k}: split has {made.get(k)!r}, spec wants {wanted.get(k)!r}"
-                     for k in wanted if made.get(k) != wanted.get(k))
