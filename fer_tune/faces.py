@@ -1,0 +1,277 @@
+"""Find faces in photos and crop them the way the network expects: `fer-tune data faces`.
+
+Detection is OpenCV's Haar cascade (`cv2.data.haarcascades`, shipped inside
+opencv-python-headless 4.x, so nothing is downloaded). It is old and misses turned, tilted or
+occluded faces, but it is deterministic, CPU-only and has no weights to fetch; measured on
+composed pictures of FER2013 faces it finds about 4 faces in 5.
+
+A crop is a square around the detected box, grown by `margin` of the box's side on every side,
+optionally rotated so the eyes are level, at the photo's own resolution. Training and `predict`
+then resize it with the cache's INTER_AREA (`fer_tune.data.cache`), so a face cropped here and a
+face cropped inside `predict` reach the network as the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from fer_tune.data.sources import IMAGE_EXTENSIONS, BadImage
+from fer_tune.errors import UserError
+
+DEFAULT_MARGIN = 0.2
+"""Share of the detected box's side added on each side of a crop (Haar boxes cut the forehead and chin)."""
+
+FACE_CASCADE = "haarcascade_frontalface_default.xml"
+EYE_CASCADE = "haarcascade_eye.xml"
+
+_DETECT_MAX_SIDE = 1280  # detection runs on a copy no larger than this: big photos stay fast
+_DETECT_MIN_SIDE = 160   # ... and no smaller than this: tiny crops get enough pixels for the cascade
+_DETECT_PAD = 0.25       # replicated border (share of the shorter side): finds faces that fill the frame
+_MAX_TILT = 30.0         # eye pairs tilted more than this are taken for a misdetection
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face: its box in the photo's pixels, and the rotation (degrees) that levels its eyes."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    angle: float = 0.0
+
+
+def read_photo(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3), upright as a photo viewer shows it (EXIF orientation applied).
+
+    Decodes like training does (`fer_tune.data.sources`: PIL, any mode converted to RGB, so a
+    grayscale face becomes three equal channels); only the EXIF rotation of camera photos is extra.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
+    except FileNotFoundError:
+        raise BadImage(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise BadImage(path, "not an image (unknown format)") from None
+    except Image.DecompressionBombError as err:
+        raise BadImage(path, f"image too large: {err}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise BadImage(path, f"unreadable or truncated image: {err}") from None
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
+        raise BadImage(path, f"unexpected image shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+class FaceDetector:
+    """Haar cascade face finder; with `level_eyes`, also measures each face's eye tilt.
+
+    One instance per thread: OpenCV does not promise that a cascade is safe to share.
+    """
+
+    def __init__(self, level_eyes: bool = False):
+        self.faces = _cascade(FACE_CASCADE)
+        self.eyes = _cascade(EYE_CASCADE) if level_eyes else None
+
+    def find(self, rgb: np.ndarray) -> list[Face]:
+        """Every face in the photo, largest first."""
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        height, width = gray.shape
+        scale = min(1.0, _DETECT_MAX_SIDE / max(height, width))
+        if min(height, width) * scale < _DETECT_MIN_SIDE:
+            scale = min(_DETECT_MIN_SIDE / min(height, width), _DETECT_MAX_SIDE / max(height, width))
+        small = gray if scale == 1.0 else cv2.resize(
+            gray, (max(1, round(width * scale)), max(1, round(height * scale))),
+            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        pad = round(_DETECT_PAD * min(small.shape))
+        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        found = self.faces.detectMultiScale(padded, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+        boxes = []
+        for x, y, w, h in (found if len(found) else []):
+            x0, y0 = max(0.0, (x - pad) / scale), max(0.0, (y - pad) / scale)
+            x1, y1 = min(width, (x + w - pad) / scale), min(height, (y + h - pad) / scale)
+            if x1 - x0 >= 8 and y1 - y0 >= 8:
+                boxes.append((round(x0), round(y0), round(x1 - x0), round(y1 - y0)))
+        boxes = _drop_nested(sorted(boxes, key=lambda b: -b[2] * b[3]))
+        return [Face(*box, angle=self.eye_angle(gray, box) if self.eyes is not None else 0.0)
+                for box in boxes]
+
+    def eye_angle(self, gray: np.ndarray, box: tuple) -> float:
+        """Degrees to rotate the face by so its eyes are level; 0 when two eyes are not found."""
+        x, y, w, h = box
+        top = gray[y:y + int(h * 0.6), x:x + w]
+        if top.size == 0:
+            return 0.0
+        zoom = 200.0 / w  # eyes are looked for at one face width, whatever the photo's resolution
+        top = cv2.resize(top, (200, max(1, round(top.shape[0] * zoom))), interpolation=cv2.INTER_AREA
+                         if zoom < 1 else cv2.INTER_LINEAR)
+        eyes = self.eyes.detectMultiScale(top, scaleFactor=1.1, minNeighbors=5, minSize=(20, 20),
+                                          maxSize=(90, 90))
+        centres = [(ex + ew / 2, ey + eh / 2, ew * eh) for ex, ey, ew, eh in (eyes if len(eyes) else [])]
+        left = [c for c in centres if c[0] < 100]
+        right = [c for c in centres if c[0] >= 100]
+        if not left or not right:
+            return 0.0
+        (lx, ly, _), (rx, ry, _) = max(left, key=lambda c: c[2]), max(right, key=lambda c: c[2])
+        angle = math.degrees(math.atan2(ry - ly, rx - lx))
+        return angle if abs(angle) <= _MAX_TILT else 0.0
+
+
+def crop_face(image: np.ndarray, face: Face, margin: float = DEFAULT_MARGIN) -> np.ndarray:
+    """The square around `face`, grown by `margin` per side and levelled by `face.angle`, at native resolution.
+
+    Parts outside the photo are filled by repeating its edge pixels: a hard black border would be
+    a feature no training image had.
+    """
+    side = max(1, round(max(face.w, face.h) * (1 + 2 * margin)))
+    cx, cy = face.x + face.w / 2, face.y + face.h / 2
+    if face.angle == 0.0:  # a plain slice: no resampling at all
+        x0, y0 = round(cx - side / 2), round(cy - side / 2)
+        height, width = image.shape[:2]
+        pad = max(0, -x0, -y0, x0 + side - width, y0 + side - height)
+        if pad:
+            image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        return np.ascontiguousarray(image[y0 + pad:y0 + pad + side, x0 + pad:x0 + pad + side])
+    # Rotate about the face centre by the eye tilt, and move that centre to the crop's centre.
+    matrix = cv2.getRotationMatrix2D((cx, cy), face.angle, 1.0)
+    matrix[:, 2] += (side / 2 - cx, side / 2 - cy)
+    return cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def resize_face(crop: np.ndarray, size: int) -> np.ndarray:
+    """The cache's resize (`fer_tune.data.cache`): what training did to every image, done here too."""
+    if crop.shape[:2] == (size, size):
+        return crop
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders are skipped."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        found += [Path(parent) / f for f in sorted(files)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return found
+
+
+def crop_folder(src: Path, dst: Path, margin: float = DEFAULT_MARGIN, size: int = 224,
+                level_eyes: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Crop the largest face of every image under `src` into `dst`, at the same relative path.
+
+    A class-folder dataset stays one. Images without a face and unreadable files are skipped and
+    listed, with every crop's source box, in `dst/faces.csv`; the table is also returned.
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    from fer_tune.io import atomic_write
+
+    src, dst = Path(src), Path(dst)
+    _check_crop_args(src, dst, margin, size)
+    images = list_images(src)
+    if not images:
+        raise UserError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
+    detector = FaceDetector(level_eyes=level_eyes)
+    rows = []
+    for path in tqdm(images, desc="finding faces", unit="img", disable=None if progress else True):
+        rel = path.relative_to(src).as_posix()
+        row = {"image": rel, "crop": "", "status": "face", "faces": 0, "x": None, "y": None,
+               "w": None, "h": None, "angle": None, "reason": ""}
+        try:
+            rgb = read_photo(path)
+        except BadImage as err:
+            rows.append({**row, "status": "unreadable", "reason": err.reason})
+            continue
+        faces = detector.find(rgb)
+        if not faces:
+            rows.append({**row, "status": "no face"})
+            continue
+        face = faces[0]
+        crop = crop_face(rgb, face, margin)
+        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if crop.shape[0] >= size
+                          else cv2.INTER_CUBIC)
+        out = dst / rel
+        atomic_write(out, lambda tmp: Image.fromarray(crop).save(tmp, format=_pil_format(out), quality=95))
+        rows.append({**row, "crop": rel, "faces": len(faces), "x": face.x, "y": face.y, "w": face.w,
+                     "h": face.h, "angle": round(face.angle, 2)})
+    table = pd.DataFrame(rows)
+    atomic_write(dst / "faces.csv", lambda tmp: table.to_csv(tmp, index=False))
+    return table
+
+
+def summarize_crops(table: pd.DataFrame, dst: Path) -> str:
+    """What `fer-tune data faces` prints: counts, and the first images that gave no crop."""
+    status = table["status"].value_counts()
+    lines = [f"cropped {status.get('face', 0)} of {len(table)} images into {dst} "
+             f"({status.get('no face', 0)} without a face, {status.get('unreadable', 0)} unreadable); "
+             f"every image's result is in {Path(dst) / 'faces.csv'}"]
+    for kind in ("no face", "unreadable"):
+        listed = table[table["status"] == kind]
+        for row in listed.head(5).itertuples():
+            lines.append(f"  {kind}: {row.image}" + (f" ({row.reason})" if row.reason else ""))
+        if len(listed) > 5:
+            lines.append(f"  ... and {len(listed) - 5} more {kind}")
+    return "\n".join(lines)
+
+
+def _check_crop_args(src: Path, dst: Path, margin: float, size: int) -> None:
+    from fer_tune.io import check_writable
+
+    if not src.is_dir():
+        raise UserError(f"--in {src}: {'is a file' if src.exists() else 'does not exist'}; "
+                        f"give the folder of photos to crop")
+    check_margin(margin)
+    if not 16 <= size <= 1024:
+        raise UserError(f"--size {size}: must be between 16 and 1024 (pixels of the square crops)")
+    src_real, dst_real = src.resolve(), dst.resolve()
+    if dst_real == src_real or src_real in dst_real.parents:
+        raise UserError(f"--out {dst}: is inside --in {src}; crops would mix with the photos, choose "
+                        f"a folder outside it")
+    check_writable(dst)
+
+
+def check_margin(margin: float) -> None:
+    if not 0 <= margin <= 1:
+        raise UserError(f"--margin {margin:g}: must be between 0 and 1 (share of the face box added "
+                        f"on each side; {DEFAULT_MARGIN} is the default)")
+
+
+def _cascade(name: str) -> cv2.CascadeClassifier:
+    cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, name))
+    if cascade.empty():
+        raise UserError(f"OpenCV's {name} is missing from {cv2.data.haarcascades}; install "
+                        f"opencv-python-headless>=4.9,<5 (OpenCV 5 removed the Haar cascades)")
+    return cascade
+
+
+def _drop_nested(boxes: Iterable[tuple]) -> list[tuple]:
+    """Keep the larger of two boxes that mostly overlap: the cascade sometimes reports a face twice."""
+    kept: list[tuple] = []
+    for box in boxes:
+        if all(_overlap_of_smaller(box, other) < 0.5 for other in kept):
+            kept.append(box)
+    return kept
+
+
+def _overlap_of_smaller(a: tuple, b: tuple) -> float:
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / max(1, min(a[2] * a[3], b[2] * b[3]))
+
+
+def _pil_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}.get(suffix, "PNG")
