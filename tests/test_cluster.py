@@ -1,0 +1,235 @@
+"""Scaling out: `fer-tune run --address` on a real two-node Ray cluster, node loss, cluster.yaml.
+
+The cluster is two Ray nodes on this machine (tests/ray_cluster.py): separate raylets, object
+stores and node ids, token authentication on. One search (one trial: each costs half a minute
+of start-up) serves both multi-node tests: the trial's two DDP workers must land on different
+nodes (placement: spread; the head has room for both, so only SPREAD puts one on the second
+node), and once the trial has checkpointed its first epoch, the second node is killed outright.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from fer_tune.cli import main
+from fer_tune.spec import ResourcesSpec
+
+from conftest import REPO, write_spec
+
+EPOCHS = 4
+
+
+@dataclass
+class TwoNodes:
+    address: str
+    head: str  # node ids
+    worker: str
+    env: dict  # what a driver joining the cluster needs (token, temp dir)
+    caches: dict  # node id -> that node's FER_TUNE_CACHE_DIR
+    process: subprocess.Popen
+
+    def remove_worker(self) -> None:
+        self.process.stdin.write("remove-worker\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "removed"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    # Ray's socket paths must stay under 107 characters: a short folder, not pytest's tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="ftc", dir="/tmp"))
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    dashboard = _free_port()  # Ray's fixed default ports may be taken by other Rays on this machine
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # RAY_TMPDIR keeps this cluster's address file out of /tmp/ray, so that no other `ray.init()`
+    # on this machine joins it by accident; RAY_API_SERVER_ADDRESS tells Ray Train which of the
+    # machine's Rays is this one.
+    env.update(RAY_TMPDIR=str(root), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",
+               RAY_raylet_start_wait_time_s="120")  # a busy machine starts a node slowly
+    settings = {
+        "head": {"num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                 "dashboard_port": dashboard, "dashboard_agent_listen_port": _free_port(),
+                 "env_vars": {"FER_TUNE_CACHE_DIR": str(root / "cache-head")},
+                 # notice a dead node within ~3 s, not Ray's default ~15 s
+                 "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}},
+        "worker": {"num_cpus": 1, "env_vars": {"FER_TUNE_CACHE_DIR": str(root / "cache-worker")}},
+    }
+    log = open(root / "cluster.log", "w")
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "ray_cluster.py"), json.dumps(settings)],
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line, (root / "cluster.log").read_text()[-3000:]
+        info = json.loads(line)
+        yield TwoNodes(info["address"], info["head"], info["worker"], env,
+                       {info["head"]: root / "cache-head", info["worker"]: root / "cache-worker"}, process)
+    finally:
+        process.stdin.close()  # the helper shuts its cluster down
+        process.wait(timeout=120)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def spread_search(two_nodes, tmp_path_factory):
+    """One trial of 2 spread workers; the second node dies after the trial's first epoch."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    spec = write_spec(tmp / "spread.yaml", name="spread", data={"synthetic": {"n": 240, "identities": 40}},
+                      train={"epochs": EPOCHS, "batch_size": 16},
+                      resources={"workers_per_trial": 2, "cpus_per_worker": 1, "use_gpu": False,
+                                 "placement": "spread"},
+                      search={"num_samples": 1, "max_failures": 1, "scheduler": {"type": "none"}})
+    out, storage = tmp / "run", tmp / "storage"
+    started = time.monotonic()
+    with open(tmp / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "run", str(spec), "--out", str(out),
+                                   "--address", two_nodes.address, "--storage", f"file://{storage}"],
+                                  env=two_nodes.env, stdout=log, stderr=subprocess.STDOUT)
+        removed = None
+        while driver.poll() is None and time.monotonic() - started < 400:
+            # once Tune has the first epoch, Train has registered its checkpoint
+            progress = list((out / "tune").glob("trial_*/progress.csv"))
+            if progress and _rows(progress[0]):
+                removed = time.monotonic() - started
+                two_nodes.remove_worker()
+                break
+            time.sleep(0.25)
+        try:
+            code = driver.wait(timeout=400)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    wall = time.monotonic() - started
+    assert code == 0, (tmp / "driver.log").read_text()[-4000:]
+    history = pd.read_csv(next((out / "tune").glob("trial_*/progress.csv")))
+    return {"out": out, "storage": storage, "removed_at": removed, "wall": wall, "history": history,
+            "trials": pd.read_csv(out / "report" / "trials.csv")}
+
+
+def _rows(progress: Path) -> int:
+    try:
+        return len(pd.read_csv(progress))
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):  # not written yet, or mid-write
+        return 0
+
+
+def test_trial_workers_run_ddp_across_both_nodes(two_nodes, spread_search):
+    first = spread_search["history"].iloc[0]
+    # every rank reports its node id, gathered over the trial's gloo process group
+    assert first["epoch"] == 1 and first["resumed_from_epoch"] == 0
+    assert set(first["worker_nodes"].split(",")) == {two_nodes.head, two_nodes.worker}
+    # the second node built its own image cache from data.root; the driver's node used the driver's
+    assert {p.name.split("_")[0] for p in two_nodes.caches[two_nodes.worker].glob("*.kept.npy")} == {"train", "val"}
+    assert not list(two_nodes.caches[two_nodes.head].glob("*.npy"))
+    # checkpoints went to the storage URI; the driver's folder still got the report and best/
+    trials = spread_search["trials"]
+    assert all(str(c).startswith(str(spread_search["storage"] / "run" / "train")) for c in trials["checkpoint"])
+    assert json.loads((spread_search["out"] / "report" / "metrics.json").read_text())["trials"] == 1
+    assert torch.load(spread_search["out"] / "best" / "model.pt", weights_only=True)["labels"] == list(range(8))
+
+
+def test_search_survives_losing_a_node_mid_trial(two_nodes, spread_search):
+    assert spread_search["removed_at"] is not None, "the second node was never removed"
+    history, trials = spread_search["history"], spread_search["trials"]
+    assert trials["stop_reason"].tolist() == ["completed"]
+    # nothing finished was lost: Train restarted the workers (both on the head now) from the
+    # checkpoint of the last epoch reported before the loss, and no epoch was trained twice
+    epochs = history["epoch"].tolist()
+    assert epochs == list(range(1, EPOCHS + 1))
+    resumed = history[history["resumed_from_epoch"] > 0]
+    assert len(resumed) and resumed["resumed_from_epoch"].iloc[0] == resumed["epoch"].iloc[0] - 1
+    assert resumed["worker_nodes"].iloc[-1].split(",") == [two_nodes.head, two_nodes.head]
+    assert (Path(trials["checkpoint"][0]) / "checkpoint.pt").is_file()
+    # what the loss cost: the gap around the restart, less one ordinary epoch (printed for the record)
+    before, after = history[history["resumed_from_epoch"] == 0].iloc[-1], resumed.iloc[0]
+    cost = after["time_total_s"] - before["time_total_s"] - after["epoch_seconds"]
+    print(f"\ntwo-node search: {spread_search['wall']:.0f} s wall, node removed at {spread_search['removed_at']:.0f} s, "
+          f"trial {history['time_total_s'].max():.0f} s of which the node loss cost {cost:.0f} s")
+
+
+def test_scaling_config_packs_by_default_spreads_on_request_one_gpu_per_worker():
+    from fer_tune.search import scaling_config
+
+    packed = scaling_config(ResourcesSpec(workers_per_trial=4, use_gpu=True), use_gpu=True)
+    assert packed.placement_strategy == "PACK" and packed.num_workers == 4 and packed.use_gpu
+    assert packed.resources_per_worker == {"CPU": 1.0, "GPU": 1}
+    spread = scaling_config(ResourcesSpec(workers_per_trial=2, cpus_per_worker=2, placement="spread"), use_gpu=False)
+    assert spread.placement_strategy == "SPREAD" and spread.resources_per_worker == {"CPU": 2.0}
+
+
+def test_unusable_address_or_storage_is_one_line(tmp_path, capsys):
+    spec = str(write_spec(tmp_path / "s.yaml"))
+    (tmp_path / "a-file").write_text("")
+    cases = [(["--storage", "ftp://host/x"], "search.storage: scheme 'ftp://' is not supported"),
+             (["--storage", str(tmp_path / "a-file")], "search.storage: cannot write to"),
+             (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
+             (["--address", "ray://127.0.0.1:10001"], "Ray Client cannot run a search")]
+    for extra, expected in cases:
+        assert main(["run", spec, "--out", str(tmp_path / "run"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_worker_without_the_dataset_names_its_node(tmp_path):
+    from fer_tune.search import _require_dataset_here
+
+    with pytest.raises(FileNotFoundError, match=r"data.root .*missing does not exist on node \S+: every node"):
+        _require_dataset_here({"data": {"source": "csv", "root": str(tmp_path / "missing")}})
+    _require_dataset_here({"data": {"source": "csv", "root": str(tmp_path)}})
+    _require_dataset_here({"data": {"source": "synthetic"}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_trial_gives_each_worker_one_gpu(tmp_path):
+    workers = min(2, torch.cuda.device_count())
+    spec = write_spec(tmp_path / "gpu.yaml", name="gpu", train={"epochs": 1, "batch_size": 32},
+                      resources={"workers_per_trial": workers, "use_gpu": True},
+                      search={"num_samples": 1, "scheduler": {"type": "none"}})
+    out = tmp_path / "run"
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    trials = pd.read_csv(out / "report" / "trials.csv")
+    assert trials["stop_reason"].tolist() == ["completed"]
+    state = torch.load(Path(trials["checkpoint"][0]) / "checkpoint.pt", weights_only=True)
+    assert state["spec"]["resources"]["use_gpu"] is True
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    """The checks `ray up` makes before it calls the cloud: defaults merged, then the schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert gpu_types and all(t["resources"]["GPU"] >= 1 and t["min_workers"] == 0 and t["max_workers"] >= 1
+                             for t in gpu_types)
+    setup = " ".join(config["setup_commands"])
+    assert "torch==2.14.1" in setup and "torchvision==0.29.1" in setup and "aws s3 sync" in setup
+    assert config["idle_timeout_minutes"] > 0
+    text = (REPO / "cluster.yaml").read_text()
+    for secret in ("AKIA", "aws_secret_access_key", "ssh_private_key:", "BEGIN RSA", "BEGIN OPENSSH"):
+        assert secret not in text
