@@ -1,0 +1,263 @@
+"""P3 search efficiency: epochs ASHA + TPE spends to match what random search finds, ÷ random's.
+
+    python benchmarks/search_efficiency.py --smoke        # wiring check (a few minutes); numbers mean nothing
+    python benchmarks/search_efficiency.py                # quickstart space, 16 trials, 10 epochs, seeds 0 1 2
+    python benchmarks/search_efficiency.py --trials 32 --epochs 20 --seeds 0 1 2 3 4
+
+On the quickstart's synthetic faces and space (`--spec`), with `train.early_stop_patience: null`,
+the same trial count (`--trials`) and epoch cap (`--epochs`), for each seed:
+
+- random: `fer-tune run --set search.searcher.type=random --set search.scheduler.type=none`:
+  Optuna's RandomSampler through fer-tune's Ray Tune path, every trial run to the cap;
+- ASHA + TPE: `fer-tune run` with `searcher.type=optuna` (TPESampler) and `scheduler.type=asha`,
+  grace period `--grace` (default 1: the first rung is the first epoch) and reduction factor
+  `--reduction-factor` (default 3, ASHA's usual one and that of the project's real-data specs);
+- Optuna alone: a plain Optuna study in this process (TPESampler with the same seed, Optuna's
+  MedianPruner with n_warmup_steps = the grace period and n_startup_trials = 5), whose objective
+  calls `fer_tune.loop.fit()` directly — the one training loop — with a report callback that
+  calls trial.report(best val objective so far, epoch) and raises optuna.TrialPruned when
+  trial.should_prune(). The space is sampled by fer-tune's own `SpaceSampler` and applied with
+  `trial_spec`, exactly as in a search. Trials run one after another.
+
+The searcher seed is the seed; data, split and training seed stay fixed.
+
+Epoch accounting comes from each run's own records. The Ray runs: every trial's Tune
+`DIR/tune/trial_*/progress.csv` (one row per reported epoch: trial_id, epoch, objective), each
+epoch placed in time by its checkpoint's name (Ray Train names a checkpoint by the time it is
+registered, to the microsecond; `checkpoint_path` in the row) or, failing that, by Tune's
+`timestamp` (whole seconds); `report/history.csv` drops those columns, so it is not used. The
+Optuna runs: the time each epoch's report reached the callback. All reported epochs of a run,
+across its trials, are put in time order; "epochs to target" is the number of epochs completed
+up to and including the first one whose val objective is >= random's best val objective over all
+its epochs minus `--tolerance` (0.005). Random's own count is the epochs up to its first such epoch.
+
+Ratio = (sum over seeds of a method's epochs to target) / (sum of random's); a method that never
+reaches the target in a seed counts all the epochs it spent there, and its ratio is shown as a
+lower bound (">="). Target for ASHA + TPE: <= 0.25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from common import SEARCH_SPACES, machine_header, markdown_table, run_cli, smoke_note, verdict, write_spec
+
+TARGET = 0.25
+METHODS = ("random", "asha_tpe", "optuna")
+LABELS = {"random": "random (run to completion)", "asha_tpe": "ASHA + TPE", "optuna": "Optuna TPE + MedianPruner"}
+SMOKE = ["data.synthetic.n=240", "data.synthetic.identities=40", "data.image_size=32", "data.split.val=40",
+         "data.split.test=40", "train.batch_size=32"]  # 32 px: test_convnext's last stage needs it
+CHECKPOINT_TIME = re.compile(r"checkpoint_(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+)")
+
+
+@dataclass
+class Outcome:
+    epochs_to_target: int    # epochs spent up to the first epoch reaching the target (all, if never)
+    reached: bool
+    epochs_total: int
+    best: float              # best val objective over all its epochs
+
+
+# --- the epoch timeline of a run -------------------------------------------------------------------
+
+def ray_timeline(experiment: Path) -> pd.DataFrame:
+    """(time, trial, epoch, objective) of every epoch a `fer-tune run` reported, in time order."""
+    frames = []
+    for trial_dir in sorted((experiment / "tune").glob("trial_*")):
+        progress, results = trial_dir / "progress.csv", trial_dir / "result.json"
+        if progress.is_file() and progress.stat().st_size:
+            frame = pd.read_csv(progress)
+        elif results.is_file():
+            frame = pd.DataFrame([json.loads(line) for line in results.read_text().splitlines() if line.strip()])
+        else:
+            continue
+        if "epoch" not in frame:
+            continue
+        frame = frame.dropna(subset=["epoch"]).copy()
+        frame["trial"] = trial_dir.name.split("_")[1]
+        frame["time"] = [_epoch_time(row) for _, row in frame.iterrows()]
+        frames.append(frame[["time", "trial", "epoch", "objective"]])
+    if not frames:
+        raise RuntimeError(f"{experiment}: no trial progress under tune/trial_*/")
+    return order(pd.concat(frames, ignore_index=True))
+
+
+def _epoch_time(row) -> float:
+    match = CHECKPOINT_TIME.search(str(row.get("checkpoint_path", "")))
+    if match:
+        return datetime.datetime.strptime(match.group(1), "%Y-%m-%d_%H-%M-%S.%f").timestamp()
+    return float(row["timestamp"])
+
+
+def order(timeline: pd.DataFrame) -> pd.DataFrame:
+    """One row per (trial, epoch) — a diverged trial re-reports its last epoch — in time order."""
+    timeline = timeline.astype({"epoch": int, "objective": float})
+    return (timeline.sort_values(["time", "trial", "epoch"], kind="stable")
+            .drop_duplicates(["trial", "epoch"]).reset_index(drop=True))
+
+
+def outcome(timeline: pd.DataFrame, target: float) -> Outcome:
+    hits = (timeline["objective"] >= target).to_numpy().nonzero()[0]
+    total = len(timeline)
+    return Outcome(int(hits[0]) + 1 if len(hits) else total, bool(len(hits)), total,
+                   float(timeline["objective"].max()))
+
+
+# --- the three methods -------------------------------------------------------------------------------
+
+def run_ray(method: str, spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
+    sets = ([f"search.searcher.type={'random' if method == 'random' else 'optuna'}",
+             f"search.searcher.seed={seed}",
+             f"search.scheduler.type={'none' if method == 'random' else 'asha'}"]
+            + [f"search.scheduler.grace_period={args.grace}",
+               f"search.scheduler.reduction_factor={args.reduction_factor:g}"])
+    shutil.rmtree(out, ignore_errors=True)
+    run_cli(["run", spec_file, "--out", out, *[a for s in sets for a in ("--set", s)]], out.with_suffix(".log"))
+    return ray_timeline(out)
+
+
+def run_optuna(spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
+    import optuna
+
+    from fer_tune.data.prepare import prepare_data
+    from fer_tune.loop import fit
+    from fer_tune.search import SpaceSampler, trial_spec
+    from fer_tune.spec import load_spec
+    from fer_tune.train import choose_device
+
+    spec = load_spec(spec_file)
+    shutil.rmtree(out, ignore_errors=True)
+    prepared = prepare_data(spec.data, out)
+    train, val = prepared.load("train", progress=False), prepared.load("val", progress=False)
+    device = choose_device(spec.resources.use_gpu)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=args.grace),
+                                storage=f"sqlite:///{out / 'optuna.db'}", study_name=spec.name)
+    sample = SpaceSampler(spec)
+    rows: list[dict] = []
+
+    def objective(trial) -> float:
+        sample(trial)
+        trial_config = trial_spec(spec, trial.params)
+
+        def report(metrics: dict, checkpoint) -> None:
+            rows.append({"time": time.time(), "trial": str(trial.number), "epoch": metrics["epoch"],
+                         "objective": metrics["objective"]})
+            trial.report(metrics["best_objective"], metrics["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        result = fit(trial_config, train, val, prepared.labels, report, device=device)
+        return max(m["objective"] for m in result.history)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # A trial that raises (diverged, a config the model cannot run) is recorded as failed and the
+    # study goes on, as an errored trial does in a search; its reported epochs still count.
+    study.optimize(objective, n_trials=spec.search.num_samples, catch=(Exception,))
+    states = pd.Series([t.state.name.lower() for t in study.trials]).value_counts().to_dict()
+    print(f"optuna study: {', '.join(f'{v} {k}' for k, v in states.items())}", file=sys.stderr, flush=True)
+    return order(pd.DataFrame(rows))
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+def ratio_text(methods: dict[str, list[Outcome]], method: str) -> tuple[float, str]:
+    spent = sum(o.epochs_to_target for o in methods[method])
+    base = sum(o.epochs_to_target for o in methods["random"])
+    ratio = spent / base if base else math.nan
+    bound = "" if all(o.reached for o in methods[method]) else ">= "
+    return ratio, f"{bound}{ratio:.3f} ({spent} / {base} epochs)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=SEARCH_SPACES / "quickstart.yaml",
+                        help="spec whose space is searched (default: the quickstart's, synthetic faces)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--epochs", type=int, help="epoch cap (default: the spec's train.epochs)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--grace", type=int, default=1, help="ASHA grace period and MedianPruner warm-up steps")
+    parser.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA reduction factor")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="resources.cpus_per_worker (default 1)")
+    parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="random is always run: it sets the target")
+    parser.add_argument("--work", type=Path, help="keep the experiments here (default: a temporary folder)")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, 3 trials, 2 epochs, one seed")
+    args = parser.parse_args(argv)
+    extra = list(args.set)
+    if args.smoke:
+        args.trials, args.epochs, args.seeds, args.reduction_factor = 3, 2, args.seeds[:1], 2.0
+        extra = [*SMOKE, *extra]
+    methods = [m for m in METHODS if m == "random" or m in args.methods]
+
+    print(machine_header("P3 search efficiency (benchmarks/search_efficiency.py)"))
+    outcomes: dict[str, list[Outcome]] = {m: [] for m in methods}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fer-tune-p3-") as tmp:
+        work = args.work or Path(tmp)
+        spec_file = write_spec(args.spec, [f"search.num_samples={args.trials}", "train.early_stop_patience=null",
+                                           f"resources.cpus_per_worker={args.cpus_per_trial:g}",
+                                           *([f"train.epochs={args.epochs}"] if args.epochs else []), *extra],
+                               work / "spec.yaml")
+        from fer_tune.spec import load_spec
+
+        spec = load_spec(spec_file)
+        print(smoke_note(args.smoke) + f"space of {args.spec.name} ({len(spec.space)} parameters) on "
+              f"{spec.data.source} data at {spec.data.image_size} px; {args.trials} trials, cap "
+              f"{spec.train.epochs} epochs; ASHA grace {args.grace}, reduction factor "
+              f"{args.reduction_factor:g}; {args.cpus_per_trial:g} CPU per trial; "
+              f"seeds {' '.join(map(str, args.seeds))}; tolerance {args.tolerance}\n", flush=True)
+        for seed in args.seeds:
+            timelines = {}
+            for method in methods:
+                out = work / f"seed{seed}" / method
+                started = time.perf_counter()
+                timelines[method] = (run_optuna(spec_file, seed, out, args) if method == "optuna"
+                                     else run_ray(method, spec_file, seed, out, args))
+                print(f"seed {seed} {method}: {len(timelines[method])} epochs in "
+                      f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+                if not args.work:
+                    shutil.rmtree(out, ignore_errors=True)
+            target = float(timelines["random"]["objective"].max()) - args.tolerance
+            row = [f"{seed}", f"{target + args.tolerance:.4f}"]
+            for method in methods:
+                o = outcome(timelines[method], target)
+                outcomes[method].append(o)
+                row += [f"{o.epochs_to_target}{'' if o.reached else ' (never)'}", f"{o.epochs_total}", f"{o.best:.4f}"]
+            rows.append(row)
+
+    header = ["seed", "random best val obj."]
+    for method in methods:
+        header += [f"{LABELS[method]}: epochs to target", "epochs spent", "best val obj."]
+    print(markdown_table(header, rows))
+    print()
+    smoke = " [smoke]" if args.smoke else ""
+    for method in methods:
+        if method == "random":
+            continue
+        ratio, text = ratio_text(outcomes, method)
+        if method == "asha_tpe":
+            met = ("NOT met (did not reach random's best in every seed)" if text.startswith(">=")
+                   else verdict(ratio, TARGET, higher_is_better=False))
+            print(f"P3 ratio ASHA+TPE / random: {text} (target <= {TARGET:.2f}: {met}){smoke}")
+        else:
+            print(f"P3 ratio Optuna (TPE + MedianPruner) / random: {text}{smoke}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

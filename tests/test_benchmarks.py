@@ -1,0 +1,48 @@
+"""The benchmark scripts' cheap parts: P1's smoke mode end to end, P3's epoch accounting.
+
+The Ray-based scripts' smoke modes (overhead, search_efficiency, real_data) take minutes and are
+not run here; see benchmarks/BENCHMARKS.md.
+"""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import search_efficiency  # noqa: E402
+
+
+def test_pipeline_smoke_prints_its_ratio():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pipeline.py"), "--smoke"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "GPU:" in done.stdout and "torch " in done.stdout  # the machine header
+    assert "| test_resnet | 32 | 0 | 8 |" in done.stdout
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("P1 ratio (worst configuration): ") and "target >= 0.90" in last
+
+
+def write_progress(tune_dir, trial: str, rows: list[tuple[int, float, str]]) -> None:
+    folder = tune_dir / f"trial_{trial}_1_train_lr=0.001_2026-01-01_00-00-00"
+    folder.mkdir(parents=True)
+    pd.DataFrame([{"epoch": epoch, "objective": objective, "timestamp": 1_700_000_000, "trial_id": trial,
+                   "checkpoint_path": f"/x/train/{trial}/checkpoint_2026-01-01_00-00-{clock}"}
+                  for epoch, objective, clock in rows]).to_csv(folder / "progress.csv", index=False)
+
+
+def test_epochs_to_target_follow_completion_time_across_trials(tmp_path):
+    tune = tmp_path / "tune"
+    # Two trials running at once, all in the same whole second: only the checkpoint names order them.
+    write_progress(tune, "aaaa", [(1, 0.10, "05.100000"), (2, 0.30, "05.300000"), (3, 0.50, "05.500000")])
+    write_progress(tune, "bbbb", [(1, 0.20, "05.200000"), (2, 0.60, "05.400000"), (2, 0.60, "05.450000")])
+    timeline = search_efficiency.ray_timeline(tmp_path)
+    assert list(zip(timeline["trial"], timeline["epoch"])) == [("aaaa", 1), ("bbbb", 1), ("aaaa", 2),
+                                                                ("bbbb", 2), ("aaaa", 3)]  # re-report dropped
+    reached = search_efficiency.outcome(timeline, target=0.6 - 0.005)
+    assert (reached.epochs_to_target, reached.reached, reached.epochs_total, reached.best) == (4, True, 5, 0.6)
+    never = search_efficiency.outcome(timeline, target=0.9)
+    assert (never.epochs_to_target, never.reached) == (5, False)
