@@ -48,8 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = spec_command("run", "search the spec's space with Ray Tune, test the best trial once, export it", _run)
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment in --out")
-    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: start one here")
+    p.add_argument("--address", help="Ray cluster to join: auto (the one started on this machine) or its "
+                                     "head's HOST:PORT; default $RAY_ADDRESS, else start one here")
+    p.add_argument("--storage", help="trial checkpoints: a shared path or s3://, gs:// URI (multi-node "
+                                     "clusters need one); same as --set search.storage=...")
     spec_command("train", "train one config, test its best epoch once, export it", _train)
+
+    p = commands.add_parser("distill", help="train (or, if SPEC has a space, search) a student taught by a "
+                                            "finished experiment's best model")
+    p.add_argument("teacher", type=Path, help="teacher: experiment folder, its best/ folder, or a model.pt")
+    p.add_argument("spec", type=Path, help="the student's experiment YAML (its space: is searched)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a student spec field, e.g. --set distill.temperature=2 (repeatable)")
+    p.add_argument("--out", type=Path, help="experiment folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: start one here")
+    p.set_defaults(handler=_distill)
 
     p = commands.add_parser("evaluate", help="evaluate a trained model on a test split")
     p.add_argument("model", type=Path, help="experiment folder, its best/ folder, or a model.pt")
@@ -57,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on other data, e.g. --set data.source=folder --set data.root=DIR")
     p.add_argument("--out", type=Path, help="where metrics.json goes (default MODEL/evaluate/...)")
     p.set_defaults(handler=_evaluate)
+
+    p = commands.add_parser("report", help="write an experiment's report.md, plots and TensorBoard HParams; "
+                                           "with several folders, their test results side by side")
+    p.add_argument("experiments", type=Path, nargs="+", metavar="DIR", help="experiment folder(s) (--out of run/train)")
+    p.add_argument("--out", type=Path, help="with several DIRs: also write the comparison to this file")
+    p.set_defaults(handler=_report)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(metavar="TOOL")
     p = data.add_parser("synth", help="write the built-in synthetic faces as a csv dataset")
@@ -66,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.05)
     p.set_defaults(handler=_synth)
+    p = data.add_parser("faces", help="crop the largest face of every photo in a folder, keeping its folder structure")
+    p.add_argument("--in", dest="src", type=Path, required=True, metavar="RAW", help="folder of photos (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, metavar="CROPPED", help="where the crops (and faces.csv) go")
+    p.add_argument("--margin", type=float, default=0.2, help="share of the face box added on each side (default 0.2)")
+    p.add_argument("--size", type=int, default=224, help="side of the square crops in pixels (default 224)")
+    p.add_argument("--level-eyes", action="store_true", help="rotate each crop so the eyes are level")
+    p.set_defaults(handler=_faces)
+
+    p = commands.add_parser("predict", help="expression, valence and arousal of every face in photos")
+    p.add_argument("model", type=Path, help="experiment folder, its best/ folder, or a model.pt / model.ts / model.onnx")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--out", type=Path, help="write predictions.csv and annotated copies here (default: CSV on stdout)")
+    p.add_argument("--no-detect", dest="detect", action="store_false",
+                   help="each image is already a cropped face: no face detection")
+    p.add_argument("--margin", type=float, default=0.2, help="share of the face box added on each side (as in data faces)")
+    p.add_argument("--level-eyes", action="store_true", help="rotate each face so the eyes are level (as in data faces)")
+    p.set_defaults(handler=_predict)
+
+    p = commands.add_parser("export", help="write best/model.ts (TorchScript) and/or best/model.onnx")
+    p.add_argument("model", type=Path, help="experiment folder or its best/ folder")
+    p.add_argument("--format", default="torchscript", help="torchscript, onnx or torchscript,onnx (default torchscript)")
+    p.set_defaults(handler=_export)
     return parser
 
 
@@ -73,7 +115,8 @@ def _run(args) -> None:
     from fer_tune.search import run_search
     from fer_tune.spec import load_spec
 
-    spec = load_spec(args.spec, args.set)
+    storage = [f"search.storage={args.storage}"] if args.storage is not None else []
+    spec = load_spec(args.spec, [*args.set, *storage])
     run_search(spec, args.out or Path("runs") / spec.name, resume=args.resume, address=args.address)
 
 
@@ -85,10 +128,34 @@ def _train(args) -> None:
     train_experiment(spec, args.out or Path("runs") / spec.name)
 
 
+def _distill(args) -> None:
+    from fer_tune.distill import distill
+
+    distill(args.teacher, args.spec, args.set, args.out, resume=args.resume, address=args.address)
+
+
 def _evaluate(args) -> None:
     from fer_tune.train import evaluate_model
 
     evaluate_model(args.model, args.set, args.out)
+
+
+def _report(args) -> None:
+    from fer_tune.report import build_report, compare_experiments
+
+    if len(args.experiments) == 1:
+        if args.out:
+            raise UserError("--out: only used when comparing several experiments; the report of one "
+                            f"is written to {args.experiments[0] / 'report' / 'report.md'}")
+        print(f"report: {build_report(args.experiments[0])}")
+        return
+    table = compare_experiments(args.experiments)
+    print(table, end="")
+    if args.out:
+        from fer_tune.io import atomic_write_text
+
+        atomic_write_text(args.out, table)
+        print(f"written to {args.out}")
 
 
 def _synth(args) -> None:
@@ -104,6 +171,27 @@ def _synth(args) -> None:
     check_writable(args.out)
     path = write_dataset(args.out, n=args.n, size=args.size, seed=args.seed, label_noise=args.label_noise)
     print(f"wrote {args.n} synthetic faces to {path} (use --set data.source=csv --set data.root={path})")
+
+
+def _faces(args) -> None:
+    from fer_tune.faces import crop_folder, summarize_crops
+
+    table = crop_folder(args.src, args.out, margin=args.margin, size=args.size, level_eyes=args.level_eyes)
+    print(summarize_crops(table, args.out))
+
+
+def _predict(args) -> None:
+    from fer_tune.predict import run_predict
+
+    run_predict(args.model, args.images, args.out, detect=args.detect, margin=args.margin,
+                level_eyes=args.level_eyes)
+
+
+def _export(args) -> None:
+    from fer_tune.export import export_model, parse_formats
+
+    for path, diff in export_model(args.model, parse_formats(args.format)):
+        print(f"wrote {path} (largest difference from the PyTorch model on a test batch: {diff:.1e})")
 
 
 if __name__ == "__main__":

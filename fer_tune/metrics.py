@@ -141,6 +141,12 @@ def _restricted_scores(probs: np.ndarray, lab: np.ndarray) -> np.ndarray:
         return np.where(tot > 0, sub / np.where(tot > 0, tot, 1.0), uniform)
 
 
+def predicted_classes(probs, labels) -> np.ndarray:
+    """The predicted class id of each row, among the classes the dataset has (as the metrics count)."""
+    lab = np.asarray(list(labels), dtype=np.int64)
+    return lab[np.asarray(probs)[:, lab].argmax(axis=1)]
+
+
 # ----------------------------------------------------------------- affect (point)
 
 

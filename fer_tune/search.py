@@ -16,20 +16,28 @@ own checkpoints and resumes.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.search.optuna import OptunaSearch
 
-from fer_tune.data.prepare import open_prepared, prepare_data
+from fer_tune.data.prepare import PreparedData, prepare_data
 from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_text
-from fer_tune.spec import Spec, SpaceEntry, describe_differences, load_spec
-from fer_tune.train import check_writable, export_best, format_test, load_torch, save_torch, evaluate_on_test
+from fer_tune.spec import ResourcesSpec, Spec, SpaceEntry, describe_differences, load_spec
+from fer_tune.tensorboard import log_epoch, scalar_tag
+from fer_tune.train import (check_writable, evaluate_on_test, export_best, format_test, load_torch, save_torch,
+                            write_history, write_report)
 
 METRIC = "best_objective"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -109,11 +117,13 @@ def train_worker(config: dict) -> None:
 
     from fer_tune.loop import TrainingDiverged, fit
 
+    _require_dataset_here(config["spec"])
     spec = Spec.model_validate(config["spec"])
-    prepared = open_prepared(spec.data, Path(config["experiment_dir"]))
+    prepared = worker_data(spec, config)
     train, val = prepared.load("train", progress=False), prepared.load("val", progress=False)
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    nodes = ",".join(worker_nodes())
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -123,6 +133,7 @@ def train_worker(config: dict) -> None:
     last: dict = {"metrics": {METRIC: float("nan"), "epoch": 0}, "state": {}}
 
     def report(metrics: dict, state: Optional[dict]) -> None:
+        metrics = {**metrics, "worker_nodes": nodes}
         last.update(metrics=metrics, state=state or last["state"])
         if rank != 0 or state is None:
             ray.train.report(metrics)
@@ -140,12 +151,73 @@ def train_worker(config: dict) -> None:
         report({**last["metrics"], "finished": False, "diverged": str(err)}, {**last["state"], "diverged": str(err)})
 
 
-def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str):
-    """The Tune function trainable: one TorchTrainer per trial, named after the trial id."""
+def worker_data(spec: Spec, config: dict) -> PreparedData:
+    """The trial's data as this worker's node sees it.
+
+    The split tables come from the driver through Ray's object store (they are small). Images
+    never do: on the driver's node the worker memory-maps the cache the driver built in the
+    experiment folder; on any other node it uses a cache that node builds once from data.root
+    (every node needs the dataset at the same path), so no shared filesystem is needed.
+    """
+    import ray
+
+    shipped = ray.get(config["data"])
+    info = shipped["info"]
+    here = ray.get_runtime_context().get_node_id()
+    return PreparedData(spec.data, Path(config["experiment_dir"]), shipped["tables"], info["tasks"],
+                        info["labels"], info, cache_root=None if here == config["driver_node"] else node_cache_dir())
+
+
+def node_cache_dir() -> Path:
+    """Where a node other than the driver's keeps its image caches: $FER_TUNE_CACHE_DIR, else
+    ~/.cache/fer-tune. Cache names fingerprint split, source and size, so experiments share it."""
+    return Path(os.environ.get("FER_TUNE_CACHE_DIR") or Path.home() / ".cache" / "fer-tune").expanduser()
+
+
+def _require_dataset_here(raw_spec: dict) -> None:
+    """Say which node lacks the dataset (rather than a spec error meant for the command line)."""
+    data = raw_spec.get("data") or {}
+    if data.get("source", "synthetic") != "synthetic" and data.get("root") and not Path(data["root"]).exists():
+        import ray.util
+
+        raise FileNotFoundError(f"data.root {data['root']} does not exist on node {ray.util.get_node_ip_address()}: "
+                                f"every node of the cluster needs the dataset at the same path")
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, gathered over the trial's process group: where its
+    workers really ran (reported with every epoch as `worker_nodes`)."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return nodes
+
+
+def scaling_config(res: ResourcesSpec, use_gpu: bool):
+    """One trial's workers: one GPU each when GPUs are used; packed onto as few nodes as possible
+    (collectives stay on a machine) unless `resources.placement: spread` asks for one per node."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
+                         resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                         placement_strategy="SPREAD" if res.placement == "spread" else "PACK")
+
+
+def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, data, driver_node: str):
+    """The Tune function trainable: one TorchTrainer per trial, named after the trial id.
+
+    `data` is the object-store reference of the split tables (see `worker_data`); `storage` is
+    where the trial's Train run and checkpoints go (see `train_storage`).
+    """
 
     def trial(config: dict) -> None:
         import ray.tune
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -155,15 +227,15 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str):
         wait_for_resources(res.workers_per_trial * res.cpus_per_worker, res.workers_per_trial if use_gpu else 0)
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"spec": sampled.model_dump(mode="json"), "experiment_dir": str(experiment_dir)},
-            scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-                                         placement_strategy="SPREAD" if res.placement == "spread" else "PACK"),
+            train_loop_config={"spec": sampled.model_dump(mode="json"), "experiment_dir": str(experiment_dir),
+                               "data": data, "driver_node": driver_node},
+            scaling_config=scaling_config(res, use_gpu),
             run_config=RunConfig(name=trial_id, storage_path=storage, callbacks=[TuneReportCallback()],
                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
                                  failure_config=FailureConfig(max_failures=sampled.search.max_failures)),
         )
         result = trainer.fit()
+        wait_for_last_report()
         diverged = (result.metrics or {}).get("diverged")
         if diverged:
             from fer_tune.loop import TrainingDiverged
@@ -173,15 +245,67 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str):
     return trial
 
 
+def wait_for_last_report(timeout: float = 60.0) -> None:
+    """Let Tune read the trial's last epoch before the trial function returns.
+
+    TuneReportCallback hands each epoch's metrics from the Train controller to this trial through
+    a one-slot queue that Tune drains only while the function runs: returning as soon as
+    `trainer.fit()` does can drop the final epoch (seen: a trial recorded at epoch 7 of 8).
+    """
+    from ray.train._internal.session import get_session
+
+    handoff = getattr(get_session(), "_inter_actor_queue", None)
+    deadline = time.monotonic() + timeout
+    while handoff is not None and time.monotonic() < deadline and not handoff.empty():
+        time.sleep(0.1)
+
+
+class TrialCurves(TBXLoggerCallback):
+    """Tune's TensorBoard logger, replaced: clean tags (val/expression_f1, not ray/tune/...) and
+    one run per trial named by its id, written by the driver (so also when workers are remote).
+
+    Subclassing TBXLoggerCallback is what tells Tune not to add its own TensorBoard logger.
+    """
+
+    def __init__(self, logdir: Path):  # not TBXLoggerCallback's: no tensorboardX
+        self.logdir = str(logdir)
+        self._writers = {}
+
+    def __getstate__(self):  # Tune pickles its callbacks to resume a search; writers restart
+        return {"logdir": self.logdir, "_writers": {}}
+
+    def log_trial_start(self, trial) -> None:
+        pass
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if "epoch" not in result:
+            return
+        if trial.trial_id not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[trial.trial_id] = SummaryWriter(os.path.join(self.logdir, trial.trial_id))
+        log_epoch(self._writers[trial.trial_id], result)
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        writer = self._writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+
+
 def wait_for_resources(cpus: float, gpus: float, timeout: float = 600.0) -> None:
     """Wait until the previous trial's workers have released what this trial needs.
 
     Tune starts the next trial as soon as the last one reports; its placement group is released
     a moment later. Launching the TorchTrainer into that gap makes its worker group time out and
-    retry, which on a small machine can strand CPUs in placement groups for good.
+    retry, which on a small machine can strand CPUs in placement groups for good. What the
+    cluster does not have at all is not waited for: the trainer's own request for it is what
+    makes an autoscaler add nodes.
     """
     import ray
 
+    total = ray.cluster_resources()
+    if total.get("CPU", 0) < cpus - 1e-6 or total.get("GPU", 0) < gpus - 1e-6:
+        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         free = ray.available_resources()
@@ -197,44 +321,47 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
     import optuna
 
     started = time.time()
     out = Path(out).resolve()
     _check_same_experiment(spec, out, resume)
     check_writable(out)
+    checkpoints = train_storage(spec, out)
+    if spec.search.storage is not None:
+        check_storage(checkpoints)  # before spec.yaml: a corrected --storage is then the same experiment
     atomic_write_text(out / "spec.yaml", spec.to_yaml())
     if not spec.space:
         print(f"note: {spec.name} has no space: section; every trial trains the same config")
 
     prepared = prepare_data(spec.data, out)  # reads and splits the labels: bad data fails here
-    if not ray.is_initialized():
-        # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train uses to free the
-        # placement groups of trials that ASHA stops; without it their CPUs are never released.
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1",
-                 log_to_driver=verbose > 1, configure_logging=verbose > 1,
-                 runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
-                     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}})
-    use_gpu, concurrency = _placement(spec)
-    prepared.load("train"), prepared.load("val")  # build the shared caches once, before any trial
+    joined = connect_ray(address, verbose)
+    use_gpu, concurrency = _placement(spec, joined)
+    _note_multi_node_storage(checkpoints)
+    prepared.load("train"), prepared.load("val")  # the driver node's caches, built once before any trial
+    data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
     storage = str(out)
 
     sampler = (optuna.samplers.RandomSampler(seed=spec.search.searcher.seed) if spec.search.searcher.type == "random"
                else optuna.samplers.TPESampler(seed=spec.search.searcher.seed))
     storage_url = f"sqlite:///{out / 'optuna.db'}"
-    searcher = OptunaSearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=sampler,
+    searcher = StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=sampler,
                             study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
     sched = spec.search.scheduler
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
                                grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
                  if sched.type == "asha" else FIFOScheduler())
     # The trial function only waits on its TorchTrainer: it holds memory, not a CPU a worker needs.
-    trial = tune.with_resources(make_trial(spec, out, use_gpu, str(out / "train")), {"cpu": 0, "memory": 256 * 2**20})
+    # It runs on the driver's node, as does the Train controller it starts, so a lost worker node
+    # takes only training workers with it, and Train retries the trial from its last checkpoint.
+    trial = tune.with_resources(
+        make_trial(spec, out, use_gpu, checkpoints, data, ray.get_runtime_context().get_node_id()),
+        {"cpu": 0, "memory": 256 * 2**20, _driver_node_resource(): 0.001})
     # Crashed workers are retried by Ray Train from the trial's last checkpoint; a trial that
     # fails anyway (diverged, raised) stays errored, also when the search is resumed.
     run_config = tune.RunConfig(name="tune", storage_path=storage, verbose=verbose,
-                                failure_config=tune.FailureConfig(max_failures=0))
+                                failure_config=tune.FailureConfig(max_failures=0),
+                                callbacks=[TrialCurves(out / "tensorboard")])
     tune_dir = out / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
         print(f"resuming the search in {tune_dir}")
@@ -243,12 +370,70 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
         tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
             num_samples=spec.search.num_samples, max_concurrent_trials=concurrency))
-    results = tuner.fit()
-    if results.num_terminated + results.num_errors < spec.search.num_samples:
+    with ctrl_c_stops_gracefully() as interrupted:
+        results = tuner.fit()
+    if interrupted or results.num_terminated + results.num_errors < spec.search.num_samples:
         raise SearchInterrupted(f"the search stopped before its {spec.search.num_samples} trials ended "
-                                f"({results.num_terminated} finished, {results.num_errors} errored); "
-                                f"finished trials are kept: resume with --resume --out {out}")
+                                f"({'interrupted; ' if interrupted else ''}finished trials and the running "
+                                f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
     return finish(spec, out, results, prepared, time.time() - started)
+
+
+_STOPPING = threading.Event()  # set by Ctrl-C while `tuner.fit()` runs
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that leaves the trials a Ctrl-C stops unfinished in the Optuna study.
+
+    Tune's graceful stop saves the experiment (those trials still running in it) and then reports
+    them complete to the searcher; told to Optuna, their partial objective would become a final
+    one, and the resumed trials could no longer be told. Skipped, the study matches the saved
+    experiment, and resumed trials are told when they really end.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if _STOPPING.is_set():
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_gracefully():
+    """Ctrl-C during `tuner.fit()`: Tune saves the experiment state and returns; yields a list
+    that is non-empty afterwards if that happened. A second Ctrl-C stops at once.
+
+    Tune's own SIGINT handler stops the same way but leaves no trace: once it returns, trials it
+    stopped read as terminated, like finished ones. So ours records the interrupt and asks Tune
+    to stop through SIGUSR1, which Tune handles with the same graceful stop.
+    """
+    import signal
+
+    interrupted: list = []
+    _STOPPING.clear()
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield interrupted
+        return
+
+    def on_ctrl_c(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        _STOPPING.set()
+        print("\nfer-tune: stopping; the search state is being saved (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous_setting = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if previous_setting is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_setting
 
 
 
@@ -261,11 +446,11 @@ def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
         reasons = "; ".join(sorted(set(trials["error"].dropna().astype(str))))[:500]
         raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
     best = done.sort_values(METRIC, ascending=False).iloc[0]
-    state = load_torch(Path(best["checkpoint"]) / CHECKPOINT_FILE)
+    state = read_checkpoint(best["checkpoint"])
     best_spec = Spec.model_validate(state["spec"])
     from fer_tune.train import choose_device
 
-    device = choose_device(spec.resources.use_gpu)
+    device = choose_device("auto")  # the driver's own: a CPU head node tests a GPU-trained model
     counts = trials["stop_reason"].value_counts().to_dict()
     export_best(out / "best", best_spec, state["best_model"], prepared.labels)  # before the test: never lost
     metrics = evaluate_on_test(best_spec, prepared, state["best_model"], device, report_dir=out / "report", extra={
@@ -278,7 +463,37 @@ def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
           f"{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(format_test(metrics, out / "report" / "metrics.json"))
     print(f"best config: {out / 'best' / 'config.yaml'}  (re-run: fer-tune train {out / 'best' / 'config.yaml'})")
+    write_history(out / "report", trial_histories(trials, results), trial_confusions(trials))
+    write_report(out)
     return metrics
+
+
+def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
+    """Each trial's per-epoch loop metrics (Tune's own bookkeeping columns left out)."""
+    histories = {}
+    for trial_id, result in zip(trials["trial_id"], results):
+        frame = result.metrics_dataframe
+        if frame is None or "epoch" not in frame:
+            continue
+        keep = [c for c in frame.columns if c in ("epoch", "best_epoch", "resumed_from_epoch") or scalar_tag(c)]
+        histories[str(trial_id)] = frame[keep].dropna(subset=["epoch"]).to_dict("records")
+    return histories
+
+
+def trial_confusions(trials: pd.DataFrame) -> dict[str, dict]:
+    """Each trial's validation confusion matrix at its best epoch, from its last checkpoint."""
+    import torch
+
+    confusions = {}
+    for _, row in trials.iterrows():
+        path = Path(str(row["checkpoint"] or "")) / CHECKPOINT_FILE
+        if not row["checkpoint"] or not path.is_file():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        matrix = state.get("best_metrics", {}).get("val_confusion")
+        if matrix:
+            confusions[str(row["trial_id"])] = {"epoch": int(state["best_epoch"]), "matrix": matrix}
+    return confusions
 
 
 def trial_table(spec: Spec, results) -> pd.DataFrame:
@@ -286,15 +501,16 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
     for result in results:
         config = result.config or {}
         history = result.metrics_dataframe
-        last = result.metrics or {}
+        last = newer_local_epoch(result.metrics or {})
         epochs = int(last.get("epoch", 0) or 0)
         if result.error is not None:
             reason = "errored"
         elif last.get("finished"):
             reason = "early stop (patience)" if epochs < spec.train.epochs else "completed"
         else:
-            reason = "stopped by ASHA"
-        row = {"trial_id": last.get("trial_id") or getattr(result, "path", "").rsplit("/", 1)[-1],
+            reason = "stopped by ASHA" if spec.search.scheduler.type == "asha" else "stopped before its last epoch"
+        folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]  # trial_<id>_<n>_...
+        row = {"trial_id": last.get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder),
                **{spec_path(k): v for k, v in config.items()},
                "epochs": epochs, "stop_reason": reason,
                "error": _one_line(result.error) if result.error is not None else None,
@@ -302,9 +518,45 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
         if history is not None and "objective" in history and history["objective"].notna().any():
             best_row = history.loc[history["objective"].idxmax()]
             row.update({k: best_row[k] for k in history.columns if str(k).startswith("val_") or k == "train_accuracy"})
-        row["checkpoint"] = last.get("checkpoint_path") or ""
+        row["worker_nodes"] = last.get("worker_nodes")
+        row["checkpoint"] = checkpoint_location(spec.search.storage, last.get("checkpoint_path") or "")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def newer_local_epoch(last: dict) -> dict:
+    """The trial's last result, completed from its newest checkpoint when that is further on.
+
+    A resumed trial's final epoch can be checkpointed by Ray Train yet never reach Tune (seen
+    on resumed trials: Tune ends at epoch 7 of 8). The checkpoint keeps every epoch's metrics,
+    so the trial's record comes from there. Local checkpoints only; remote ones are trusted.
+    """
+    import torch
+
+    reported = Path(str(last.get("checkpoint_path") or ""))
+    if not reported.name.startswith("checkpoint_") or not reported.parent.is_dir():
+        return last
+    newest = sorted(reported.parent.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    if not newest or newest[-1].parent == reported:
+        return last
+    state = torch.load(newest[-1], map_location="cpu", weights_only=True, mmap=True)
+    if int(state.get("epoch", 0)) <= int(last.get("epoch", 0) or 0) or not state.get("history"):
+        return last
+    return {**last, **state["history"][-1], "checkpoint_path": str(newest[-1].parent)}
+
+
+def checkpoint_location(storage: Optional[str], fs_path: str) -> str:
+    """A checkpoint's URI: Ray reports its path on the storage's filesystem, without the scheme."""
+    scheme = storage.split("://", 1)[0] if storage and "://" in storage else "file"
+    return fs_path if scheme == "file" or not fs_path else f"{scheme}://{fs_path}"
+
+
+def read_checkpoint(location: str) -> dict:
+    """A trial checkpoint's state, read in place or fetched from the storage URI it lives at."""
+    from ray.train import Checkpoint
+
+    with Checkpoint(location).as_directory() as folder:
+        return load_torch(Path(folder) / CHECKPOINT_FILE)
 
 
 def _one_line(error: BaseException) -> str:
@@ -312,26 +564,188 @@ def _one_line(error: BaseException) -> str:
     return (text[-1] if text else type(error).__name__)[:300]
 
 
-def _placement(spec: Spec) -> tuple[bool, int]:
-    """(use GPUs?, trials that fit at once) from what the cluster has and one trial takes."""
+def connect_ray(address: Optional[str], verbose: int) -> bool:
+    """Join the cluster at `address` (else $RAY_ADDRESS), or start one here; True if joined.
+
+    Token authentication stays on: Ray turns it on for a cluster it starts, and a driver that
+    joins one needs the cluster's token (~/.ray/auth_token, $RAY_AUTH_TOKEN or
+    $RAY_AUTH_TOKEN_PATH, with RAY_AUTH_MODE=token).
+    """
+    import ray
+
+    given = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    joined = address not in (None, "local")
+    if joined and address.startswith("ray://"):
+        raise UserError(f"{given} {address}: Ray Client cannot run a search (its Tune driver must run on a "
+                        f"cluster node); submit it: ray job submit --address http://HEAD:8265 -- fer-tune run ...")
+    if joined and address != "auto":
+        problem = _unreachable(address)
+        if problem:
+            raise UserError(f"{given} {address}: no Ray cluster answers there ({problem}); give the head "
+                            f"node's HOST:PORT (ray start --head prints it) or auto on a cluster node")
+    if ray.is_initialized():
+        return joined
+    dashboard = {} if joined else local_dashboard()
+    try:
+        # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train uses to free the
+        # placement groups of trials that ASHA stops; without it their CPUs are never released.
+        with ctrl_c_reaches_only_the_driver(started_here=not joined):
+            ray.init(address=address, dashboard_host="127.0.0.1", log_to_driver=verbose > 1,
+                     configure_logging=verbose > 1, runtime_env={"env_vars": _worker_env()}, **dashboard)
+    except ConnectionError as err:
+        if "AuthenticationError" in repr(err.__cause__):
+            raise UserError(f"{given} {address}: the cluster wants its authentication token; copy it from the "
+                            f"head (ray get-auth-token) to ~/.ray/auth_token and set RAY_AUTH_MODE=token") from None
+        raise UserError(f"{given} {address}: {str(err).strip().splitlines()[0]}") from None
+    return joined
+
+
+@contextlib.contextmanager
+def ctrl_c_reaches_only_the_driver(started_here: bool):
+    """Start Ray's processes with SIGINT ignored (inherited by every worker they spawn).
+
+    A terminal's Ctrl-C goes to its whole process group, which includes the Ray this search
+    starts: trial workers killed by it would leave their Train runs half-ended, and a resumed
+    trial might not continue. The driver alone handles Ctrl-C (see ctrl_c_stops_gracefully).
+    """
+    import signal
+
+    if not started_here or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def local_dashboard() -> dict:
+    """A dashboard port for the Ray this search starts, announced to all its processes.
+
+    Ray Train's PlacementGroupCleaner finds the state API by auto-detecting "the" local Ray; with
+    a second Ray instance on the machine (another search, a test cluster) that detection fails,
+    the cleaner dies, and the CPUs of every trial that ASHA stops stay reserved: the search hangs.
+    RAY_API_SERVER_ADDRESS, inherited by the raylet and so by every worker, names ours.
+    """
+    import socket
+
+    if os.environ.get("RAY_API_SERVER_ADDRESS", _ANNOUNCED[0]) != _ANNOUNCED[0]:
+        return {}  # the user's own setting
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _ANNOUNCED[0] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"dashboard_port": port}
+
+
+_ANNOUNCED = [""]  # the RAY_API_SERVER_ADDRESS this process set for the last Ray it started
+
+
+def _unreachable(address: str) -> Optional[str]:
+    """Why nothing listens at HOST:PORT, or None. Checked first because ray.init would retry a
+    wrong address for minutes."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return "expected auto or HOST:PORT, e.g. 10.0.0.5:6379"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            return None
+    except OSError as err:
+        return err.strerror or str(err) or type(err).__name__
+
+
+def _worker_env() -> dict:
+    """Environment of every Ray worker: Train's worker-group start timeout (a trial may wait for
+    the previous one's CPUs, or for an autoscaler's new node). A job submitted with its own
+    runtime_env may set it there, and ray.init must not set the same variable again."""
+    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if name in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return {}
+    return {name: os.environ.get(name, "600")}
+
+
+def _driver_node_resource() -> str:
+    """A resource that only the driver's node has: the head's own, else the node's address."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    head = "node:__internal_head__"
+    return head if head in node["Resources"] else f"node:{node['NodeManagerAddress']}"
+
+
+def train_storage(spec: Spec, out: Path) -> str:
+    """Where the trials' Ray Train runs (checkpoints) go: DIR/train, or under search.storage.
+
+    Tune's own experiment (DIR/tune, the searcher state, TensorBoard) stays on the driver: its
+    trial functions run there too (see `run_search`).
+    """
+    if spec.search.storage is None:
+        return str(out / "train")
+    return f"{spec.search.storage}/{out.name}/train"
+
+
+def check_storage(location: str) -> None:
+    """Fail before any training when `search.storage` cannot be written (as Ray Train writes it)."""
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        fs.create_dir(path, recursive=True)
+        probe = f"{path}/.write-test"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        fs.delete_file(probe)
+    except Exception as err:  # pyarrow raises OSError, ArrowInvalid, ... with multi-line texts
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        hint = "check the URI and this machine's cloud credentials" if "://" in location else "choose another path"
+        raise UserError(f"search.storage: cannot write to {location} ({reason}); {hint}") from None
+
+
+def _note_multi_node_storage(location: str) -> None:
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if nodes > 1 and "://" not in location:
+        print(f"note: {nodes} Ray nodes: trial checkpoints go to {location} on the node of each trial's "
+              f"first worker; unless that is a shared filesystem, set --storage s3://... or gs://...")
+
+
+def _placement(spec: Spec, joined: bool = False) -> tuple[bool, int]:
+    """(use GPUs?, trials that fit at once) from what the cluster has and one trial takes.
+
+    A cluster this search started has all it will ever have: a trial that cannot fit is refused.
+    A cluster it joined may be autoscaling from nothing: what is missing is noted, trials ask for
+    it, and `search.max_concurrent_trials` (if set) is how many run at once.
+    """
     import ray
 
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
     res = spec.resources
     use_gpu = bool(gpus) if res.use_gpu == "auto" else bool(res.use_gpu)
-    if use_gpu and gpus < 1:
-        raise UserError("resources.use_gpu: true but the Ray cluster has no GPU; use auto or false")
     need_cpu = res.workers_per_trial * res.cpus_per_worker
+    have = f"{cpus:g} CPU" + (f", {gpus:g} GPU" if use_gpu else "")
+    if use_gpu and gpus < 1 and not joined:
+        raise UserError("resources.use_gpu: true but the Ray cluster has no GPU; use auto or false")
     if need_cpu > cpus or (use_gpu and res.workers_per_trial > gpus):
-        have = f"{cpus:g} CPU" + (f", {gpus:g} GPU" if use_gpu else "")
-        raise UserError(f"resources.workers_per_trial: {res.workers_per_trial} workers x "
-                        f"{res.cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} can never be placed on "
-                        f"this cluster ({have}); lower workers_per_trial or cpus_per_worker")
+        if not joined:
+            raise UserError(f"resources.workers_per_trial: {res.workers_per_trial} workers x "
+                            f"{res.cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} can never be placed on "
+                            f"this cluster ({have}); lower workers_per_trial or cpus_per_worker")
+        print(f"note: the cluster has {have} now and a trial needs {res.workers_per_trial} x "
+              f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''}): trials wait for nodes to join")
     fit = int(cpus // need_cpu)
     if use_gpu:
         fit = min(fit, int(gpus // res.workers_per_trial))
     limit = spec.search.max_concurrent_trials
+    if joined and limit:
+        return use_gpu, limit
     return use_gpu, max(1, min(fit, limit) if limit else fit)
 
 

@@ -29,7 +29,10 @@ OBJECTIVE_METRICS = (
 )
 """Validation metrics an objective may weight (names from `fer_tune.metrics.flat_metrics`)."""
 
-SEARCHABLE_SECTIONS = ("data", "model", "train", "augment", "loss")
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs")
+"""URI schemes `search.storage` accepts (checkpoints of multi-node searches go there)."""
+
+SEARCHABLE_SECTIONS = ("data", "model", "train", "augment", "loss", "distill")
 """Sections whose fields a `space:` entry may name; resources and search shape the run, not the model."""
 
 
@@ -88,6 +91,11 @@ class ModelSpec(Strict):
     backbone: str = "resnet18"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     pretrained: Optional[Path] = Field(None, description="local weights file for the backbone")
+    attention: Literal["none", "se", "cbam"] = Field(
+        "none", description="squeeze-excitation or CBAM block on the backbone's last feature map")
+    neck: Literal["none", "fpn"] = Field("none", description="fpn: fuse several backbone stages top-down")
+    neck_stages: int = Field(3, ge=2, le=5, description="how many of the last backbone stages the fpn fuses")
+    neck_channels: int = Field(128, ge=8, le=1024, description="width of each fpn level")
 
     @field_validator("backbone")
     @classmethod
@@ -121,9 +129,18 @@ class TrainSpec(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: bool = Field(False, description="weight expression CE by inverse class frequency")
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "sgdr", "onecycle"] = Field(
+        "cosine", description="after warm-up: cosine to 0, constant, sgdr (cosine with warm restarts), "
+                              "onecycle (torch OneCycleLR, peaking at warmup_epochs)")
     warmup_epochs: float = Field(1.0, ge=0)
+    sgdr_cycle_epochs: float = Field(2.0, gt=0, description="length of sgdr's first cycle")
+    sgdr_cycle_mult: float = Field(2.0, ge=1, description="each sgdr cycle is this much longer than the last")
     grad_clip: Optional[float] = Field(None, gt=0)
+    sampler: Literal["random", "class_balanced"] = Field(
+        "random", description="class_balanced: draw every expression class equally often")
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="mixup Beta(alpha, alpha); 0 is off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="cutmix Beta(alpha, alpha); 0 is off")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA of weights (validated, exported); null is off")
     early_stop_patience: Optional[int] = Field(None, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on GPU; off on CPU")
     seed: int = 0
@@ -138,12 +155,40 @@ class LossSpec(Strict):
     valence: float = Field(0.3, ge=0)
     arousal: float = Field(0.3, ge=0)
     regression: Literal["mse", "ccc"] = Field("mse", description="valence/arousal loss: MSE or 1 - CCC")
+    weighting: Literal["fixed", "uncertainty"] = Field(
+        "fixed", description="uncertainty: learn one log-variance per task (Kendall et al. 2018)")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "LossSpec":
         if self.expression + self.valence + self.arousal <= 0:
             raise ValueError("at least one loss weight must be > 0")
         return self
+
+
+class DistillSpec(Strict):
+    """Knowledge distillation from a finished experiment (`fer-tune distill TEACHER SPEC` sets teacher).
+
+    The student's loss is (1 - alpha) * its usual loss + alpha * (KL(teacher || student at
+    `temperature`) * T^2 + MSE to the teacher's valence/arousal), each term weighted like `loss:`.
+    """
+
+    teacher: Optional[Path] = Field(None, description="experiment folder, its best/ folder or a model.pt")
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.5, ge=0, le=1, description="share of the loss that comes from the teacher")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_exists(cls, path: Optional[Path]) -> Optional[Path]:
+        if path is None:
+            return None
+        from fer_tune.train import find_model  # lazily: train imports this module
+
+        path = path.expanduser().resolve()
+        try:
+            find_model(path)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return path
 
 
 class ResourcesSpec(Strict):
@@ -173,6 +218,33 @@ class SearchSpec(Strict):
     scheduler: SchedulerSpec = SchedulerSpec()
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     max_failures: int = Field(1, ge=0, description="retries of a crashed trial from its last checkpoint")
+    storage: Optional[str] = Field(None, description="where trials' checkpoints go: a local or shared path, "
+                                                     "or a file://, s3:// or gs:// URI; default the experiment folder")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_location(cls, storage: Optional[str]) -> Optional[str]:
+        """A URI of a scheme Ray Train can write checkpoints to, or a local path made absolute.
+
+        Ray Train resolves URIs with pyarrow; these are the schemes where a checkpoint's
+        filesystem path plus the scheme is again its URI, which is how best/ is fetched back.
+        """
+        if storage is None:
+            return None
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", storage)
+        if scheme is None:
+            if not storage.strip():
+                raise ValueError("is empty; give a path or a file://, s3:// or gs:// URI")
+            return str(Path(storage).expanduser().resolve())
+        if scheme.group(1).lower() not in STORAGE_SCHEMES:
+            raise ValueError(f"scheme '{scheme.group(1)}://' is not supported; use a local or shared path, "
+                             f"or a {', '.join(s + '://' for s in STORAGE_SCHEMES)} URI")
+        if not storage[scheme.end():].strip("/"):
+            raise ValueError(f"'{storage}' names no bucket or folder")
+        if "?" in storage:
+            raise ValueError(f"'{storage}': query parameters are not supported; configure the cloud "
+                             f"client through its environment (e.g. AWS_DEFAULT_REGION) instead")
+        return storage.rstrip("/")
 
     @field_validator("objective")
     @classmethod
@@ -246,6 +318,7 @@ class Spec(Strict):
     train: TrainSpec = TrainSpec()
     augment: AugmentSpec = AugmentSpec()
     loss: LossSpec = LossSpec()
+    distill: DistillSpec = DistillSpec()
     resources: ResourcesSpec = ResourcesSpec()
     search: SearchSpec = SearchSpec()
     space: dict[str, Union[SpaceEntry, list[SpaceEntry]]] = Field(default_factory=dict)

@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import torch
 
+from fer_tune import EXPRESSIONS
 from fer_tune.data.prepare import PreparedData, open_prepared, prepare_data
 from fer_tune.errors import UserError
 from fer_tune.evaluate import evaluate_split
 from fer_tune.io import atomic_write, atomic_write_json, atomic_write_text, check_writable  # noqa: F401 (search.py imports it from here)
 from fer_tune.loop import TrainingDiverged, fit
-from fer_tune.metrics import flat_metrics
+from fer_tune.metrics import flat_metrics, predicted_classes
 from fer_tune.model import create_model
 from fer_tune.spec import Spec, load_spec
 
@@ -50,14 +52,12 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
 
     from torch.utils.tensorboard import SummaryWriter
 
+    from fer_tune.tensorboard import log_epoch
+
     writer = SummaryWriter(str(out / "tensorboard"))
 
     def report(metrics: dict, checkpoint: Optional[dict]) -> None:
-        for key, value in metrics.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("val_", "train_")) else key,
-                                  value, metrics["epoch"])
-        writer.flush()
+        log_epoch(writer, metrics)
         if checkpoint is not None:
             save_torch(out / "checkpoints" / "last.pt", checkpoint)
         say(format_epoch(metrics, spec.train.epochs))
@@ -79,6 +79,10 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
                                      "wall_seconds": round(time.time() - started, 1)},
                               report_dir=out / "report")
     say(format_test(metrics, out / "report" / "metrics.json"))
+    write_history(out / "report", {"train": result.history},
+                  {"train": {"epoch": result.best_epoch, "matrix": result.best_metrics.get("val_confusion")}}
+                  if result.best_metrics.get("val_confusion") else {})
+    write_report(out, say)
     return metrics
 
 
@@ -105,12 +109,47 @@ def evaluate_on_test(spec: Spec, prepared: PreparedData, weights: dict, device, 
     model = create_model(spec.model).to(device)
     model.load_state_dict(weights)
     test = prepared.load("test")
-    metrics, _ = evaluate_split(model, test, prepared.labels, device)
+    metrics, preds = evaluate_split(model, test, prepared.labels, device)
+    atomic_write_text(report_dir / "test_predictions.csv",
+                      predictions_table(test, preds, prepared.labels).to_csv(index=False))
     metrics.update({"split": "test", "test_images": len(test), "labels": prepared.labels,
                     "data": {"source": spec.data.source, "root": str(spec.data.root or ""),
                              "image_size": spec.data.image_size, **prepared.info}, **extra})
     atomic_write_json(report_dir / "metrics.json", metrics)
     return metrics
+
+
+def predictions_table(split, preds: dict, labels: list[int]) -> pd.DataFrame:
+    """One row per test image: targets, predicted class, class probabilities, valence, arousal."""
+    targets = split.targets()
+    return pd.DataFrame({
+        "image": split.table["image"].astype(str).to_numpy(),
+        "expression": targets["expression"],
+        "expression_pred": predicted_classes(preds["expression"], labels),
+        **{f"p_{name}": preds["expression"][:, i] for i, name in enumerate(EXPRESSIONS)},
+        "valence": targets["valence"], "valence_pred": preds["valence"],
+        "arousal": targets["arousal"], "arousal_pred": preds["arousal"]})
+
+
+def write_history(report_dir: Path, histories: dict[str, list[dict]], confusions: dict[str, dict]) -> None:
+    """Per-epoch metrics of every trial (history.csv) and each one's best val confusion matrix."""
+    rows = [{"trial_id": trial_id, **{k: v for k, v in epoch.items() if not isinstance(v, (list, dict))}}
+            for trial_id, epochs in histories.items() for epoch in epochs]
+    atomic_write_text(report_dir / "history.csv", pd.DataFrame(rows).to_csv(index=False))
+    atomic_write_json(report_dir / "val_confusion.json", confusions)
+
+
+def write_report(out: Path, say=print) -> None:
+    """The markdown report and plots; a failure here is reported but never undoes the run."""
+    from fer_tune.report import build_report
+
+    try:
+        path = build_report(out)
+    except Exception as err:  # noqa: BLE001 - the experiment itself is already safely written
+        say(f"warning: the report could not be written ({type(err).__name__}: "
+              f"{' '.join(str(err).split())[:200]}); retry with `fer-tune report {out}`")
+        return
+    say(f"report: {path}")
 
 
 def export_best(best_dir: Path, spec: Spec, weights: dict, labels: list[int]) -> None:

@@ -315,6 +315,14 @@ def csv_lists_missing_images(tmp):
 
 
 @case
+def csv_path_escapes_the_dataset_root(tmp):
+    image(tmp / "secret.png")
+    labels = csv_dataset(tmp / "faces", ["img0.png,1,,", "../secret.png,2,,"])
+    return ["train", spec(tmp, data={"source": "csv", "root": str(labels)}), "--out", tmp / "run"], [
+        "{tmp}/faces/labels.csv", "path escapes the dataset root", "../secret.png"]
+
+
+@case
 def split_larger_than_data(tmp):
     return ["train", spec(tmp), "--set", "data.split.test=100000", "--out", tmp / "run"], [
         "data.split.test: 100000 images", "only 160", "smaller count or a fraction"]
@@ -444,6 +452,25 @@ def synth_out_inside_a_file(tmp):
 def evaluate_folder_without_model(tmp):
     (tmp / "run").mkdir()
     return ["evaluate", tmp / "run"], ["{tmp}/run", "no trained model here", "best/model.pt"]
+
+
+@case
+def report_missing_folder(tmp):
+    return ["report", tmp / "nowhere"], ["{tmp}/nowhere", "no finished experiment here"]
+
+
+@case
+def report_of_unfinished_experiment(tmp):
+    (tmp / "run").mkdir()
+    write_spec(tmp / "run" / "spec.yaml")
+    return ["report", tmp / "run"], ["{tmp}/run", "no report/metrics.json"]
+
+
+@case
+def report_corrupt_metrics(tmp):
+    (tmp / "run" / "report").mkdir(parents=True)
+    (tmp / "run" / "report" / "metrics.json").write_text("{not json")
+    return ["report", tmp / "run"], ["{tmp}/run/report/metrics.json", "not valid JSON"]
 
 
 @case

@@ -29,7 +29,7 @@ from fer_tune.spec import ResourcesSpec
 
 from conftest import REPO, write_spec
 
-EPOCHS = 4
+EPOCHS = 8
 
 
 @dataclass

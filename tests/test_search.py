@@ -143,7 +143,10 @@ def test_two_workers_run_ddp_and_report_metrics_of_the_whole_val_split(tmp_path)
     assert reported["val_valence_ccc"] == pytest.approx(local["valence_ccc"], abs=1e-4)
 
 
-def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
+def test_interrupted_and_killed_driver_resume_and_keep_finished_trials(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops cleanly and says
+    how to resume; a resumed search then SIGKILLed mid-trial resumes again, the running trial from
+    its last checkpoint, and the experiment ends with exactly num_samples trials."""
     import os
     import signal
     import subprocess
@@ -151,38 +154,59 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
     import time
 
     spec = write_spec(tmp_path / "resume.yaml", name="resume", space={"model.dropout": {"uniform": [0.0, 0.4]}},
-                      train={"epochs": 2, "batch_size": 32},
+                      train={"epochs": 8, "batch_size": 32},
                       search={"num_samples": 3, "max_concurrent_trials": 1, "scheduler": {"type": "none"}})
     out = tmp_path / "run"
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "run", str(spec), "--out", str(out)],
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     storage = f"sqlite:///{out / 'optuna.db'}"
-    deadline = time.time() + 400
-    finished = []
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(2)
+    command = [sys.executable, "-m", "fer_tune.cli", "run", str(spec), "--out", str(out)]
+
+    def completed():
         try:
             study = optuna.load_study(study_name="resume", storage=storage)
         except Exception:
-            continue
-        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if finished:
-            break
-    assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-    assert finished, "no trial finished in time"
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, like a crash
-    first.wait()
-    done_before = {t.params["model.dropout"] for t in finished}
+            return []
+        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    def running_trial_has_an_epoch(done: int) -> bool:
+        """A trial beyond the `done` finished ones has reported (so checkpointed) an epoch, and
+        has epochs left to interrupt."""
+        rows = [len(pd.read_csv(p)) for p in (out / "tune").glob("trial_*/progress.csv") if p.stat().st_size]
+        return sum(1 for n in rows if 0 < n <= 4) >= 1 and len(completed()) >= done
+
+    def start_and_wait(log_name: str, done: int):
+        log = open(tmp_path / log_name, "w")
+        process = subprocess.Popen(command + (["--resume"] if done > 1 else []), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while time.time() < deadline and process.poll() is None and not running_trial_has_an_epoch(done):
+            time.sleep(1)
+        assert process.poll() is None, (tmp_path / log_name).read_text()[-2000:]
+        return process
+
+    first = start_and_wait("first.log", done=1)
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-2000:]
+    said = (tmp_path / "first.log").read_text()
+    assert "interrupted" in said and f"--resume --out {out}" in said and "Traceback" not in said
+    done_before = {t.params["model.dropout"] for t in completed()}
+    assert len(done_before) >= 1
+
+    second = start_and_wait("second.log", done=2)
+    os.killpg(second.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, like a crash
+    second.wait()
+    done_before |= {t.params["model.dropout"] for t in completed()}
     checkpoints_before = {p for p in (out / "train").rglob("checkpoint.pt")}
 
     assert main(["run", str(spec), "--out", str(out), "--resume"]) == 0
     trials = pd.read_csv(out / "report" / "trials.csv")
-    assert len(trials) == 3
+    assert len(trials) == 3 and set(trials["stop_reason"]) == {"completed"}
     assert done_before <= set(trials["model.dropout"])
-    assert checkpoints_before <= {p for p in (out / "train").rglob("checkpoint.pt")}
-    study = optuna.load_study(study_name="resume", storage=storage)
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 3
+    # every trial that had a checkpoint still has one (a resumed trial keeps only its newest)
+    trials_with_checkpoints = {p.parent.parent.name for p in checkpoints_before}
+    assert trials_with_checkpoints <= {p.parent.parent.name for p in (out / "train").rglob("checkpoint.pt")}
+    history = pd.read_csv(out / "report" / "history.csv")
+    assert history["resumed_from_epoch"].max() >= 1  # a running trial went on from its checkpoint
+    assert len(completed()) == 3
 
 
 def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
@@ -219,3 +243,43 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
     assert history["resumed_from_epoch"].max() >= 1  # the restarted worker loaded a checkpoint
     trials = pd.read_csv(out / "report" / "trials.csv")
     assert trials["stop_reason"].tolist() == ["completed"]
+
+
+def test_report_and_tensorboard_hparams_cover_every_trial(searched):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    _, out = searched
+    trials = pd.read_csv(out / "report" / "trials.csv")
+    params = ["model.backbone", "train.optimizer", "train.lr", "model.dropout"]
+
+    def plugin_content(folder):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return events, events.PluginTagToContent(metadata.PLUGIN_NAME)
+
+    _, root = plugin_content(out / "tensorboard")
+    experiment = metadata.parse_experiment_plugin_data(root[metadata.EXPERIMENT_TAG])
+    assert {h.name for h in experiment.hparam_infos} == {*params, "status"}
+    assert "hparams/best_objective" in {m.name.tag for m in experiment.metric_infos}
+    for _, trial in trials.iterrows():
+        events, content = plugin_content(out / "tensorboard" / trial["trial_id"])
+        session = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+        values = {k: (v.string_value if v.HasField("string_value") else v.number_value)
+                  for k, v in session.hparams.items()}
+        assert values["status"] == trial["stop_reason"]
+        assert values["model.backbone"] == trial["model.backbone"]
+        assert values["train.lr"] == pytest.approx(trial["train.lr"])
+        assert values["model.dropout"] == pytest.approx(trial["model.dropout"])
+        if trial["stop_reason"] != "errored":  # curves written live, one point per epoch run
+            assert [e.step for e in events.Scalars("val/expression_f1")] == list(range(1, trial["epochs"] + 1))
+            assert events.Scalars("hparams/best_objective")[0].value == pytest.approx(trial["best_objective"])
+
+    report = (out / "report" / "report.md").read_text()
+    errored = trials[trials["stop_reason"] == "errored"].iloc[0]
+    assert f"| {errored['trial_id']} |" in report and "became nan" in report
+    assert "## Errored trials (1)" in report and "## Parameter importances" in report
+    for name in ("confusion_matrix.png", "valence_arousal.png", "learning_curves.png",
+                 "parallel_coordinates.png", "param_importances.png", "class_counts.png"):
+        assert (out / "report" / name).stat().st_size > 10_000, name
+    assert not list((out / "tune").rglob("events.out.tfevents.*"))  # Ray's own TensorBoard files replaced

@@ -8,6 +8,7 @@ the source and the image size, so a changed dataset never reuses a stale cache.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,11 +36,28 @@ def load_images(data_spec, table: pd.DataFrame, split: str, cache_dir: Path,
     """Return (images (N, S, S, 3) uint8, table of the rows kept). Builds the cache on first use."""
     path = cache_path(cache_dir, split, data_spec, table)
     kept_path = path.with_suffix(".kept.npy")
-    if not path.exists():
-        _build(data_spec, table, split, path, kept_path, progress)
+    if not kept_path.exists():  # written last: its presence means the cache is complete
+        with _build_lock(path):
+            if not kept_path.exists():  # another process may have built it while we waited
+                _build(data_spec, table, split, path, kept_path, progress)
     images = np.load(path, mmap_mode="r")
     kept = np.load(kept_path)
     return images, table.iloc[kept].reset_index(drop=True)
+
+
+@contextmanager
+def _build_lock(path: Path):
+    """One builder per cache file: the training workers of one node wait for it instead of all
+    decoding the same images at once (a node-local cache is built by its first worker)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _build(data_spec, table: pd.DataFrame, split: str, path: Path, kept_path: Path, progress: bool) -> None:

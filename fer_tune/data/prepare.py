@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -45,10 +46,11 @@ class PreparedData:
     tasks: list[str]
     labels: list[int]
     info: dict = field(default_factory=dict)
+    cache_root: Optional[Path] = None  # a node-local cache, for workers on nodes other than the driver's
 
     @property
     def cache_dir(self) -> Path:
-        return self.out_dir / "cache"
+        return self.cache_root or self.out_dir / "cache"
 
     def load(self, name: str, progress: bool = True) -> Split:
         images, table = load_images(self.data_spec, self.tables[name], name, self.cache_dir, progress)
