@@ -473,6 +473,9 @@ def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
     histories = {}
     for trial_id, result in zip(trials["trial_id"], results):
         frame = result.metrics_dataframe
+        state = newest_local_state(result.metrics or {})
+        if state is not None:
+            frame = pd.DataFrame(state["history"])
         if frame is None or "epoch" not in frame:
             continue
         keep = [c for c in frame.columns if c in ("epoch", "best_epoch", "resumed_from_epoch") or scalar_tag(c)]
@@ -524,25 +527,36 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def newer_local_epoch(last: dict) -> dict:
-    """The trial's last result, completed from its newest checkpoint when that is further on.
+def newest_local_state(last: dict) -> Optional[dict]:
+    """The newest checkpoint of a trial's Train run, when it is local and further on than `last`.
 
-    A resumed trial's final epoch can be checkpointed by Ray Train yet never reach Tune (seen
-    on resumed trials: Tune ends at epoch 7 of 8). The checkpoint keeps every epoch's metrics,
-    so the trial's record comes from there. Local checkpoints only; remote ones are trusted.
+    A resumed trial's final epochs can be checkpointed by Ray Train yet never reach Tune (seen:
+    Tune's record of a resumed trial ends at epoch 6 of 8). The checkpoint keeps every epoch's
+    metrics, so the trial's record is completed from there. Remote checkpoints are trusted as is.
     """
     import torch
 
     reported = Path(str(last.get("checkpoint_path") or ""))
     if not reported.name.startswith("checkpoint_") or not reported.parent.is_dir():
-        return last
+        return None
     newest = sorted(reported.parent.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
-    if not newest or newest[-1].parent == reported:
+    if not newest:
+        return None
+    try:
+        state = torch.load(newest[-1], map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable (e.g. being replaced): keep Tune's record
+        return None
+    if int(state.get("epoch", 0) or 0) <= int(last.get("epoch", 0) or 0) or not state.get("history"):
+        return None
+    return {**state, "checkpoint_path": str(newest[-1].parent)}
+
+
+def newer_local_epoch(last: dict) -> dict:
+    """The trial's last result, from its newest checkpoint when Tune's record stops short."""
+    state = newest_local_state(last)
+    if state is None:
         return last
-    state = torch.load(newest[-1], map_location="cpu", weights_only=True, mmap=True)
-    if int(state.get("epoch", 0)) <= int(last.get("epoch", 0) or 0) or not state.get("history"):
-        return last
-    return {**last, **state["history"][-1], "checkpoint_path": str(newest[-1].parent)}
+    return {**last, **state["history"][-1], "checkpoint_path": state["checkpoint_path"]}
 
 
 def checkpoint_location(storage: Optional[str], fs_path: str) -> str:
