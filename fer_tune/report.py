@@ -190,6 +190,8 @@ def write_tensorboard(exp: Experiment) -> None:
     logdir = exp.out / "tensorboard"
     logdir.mkdir(parents=True, exist_ok=True)
     clear_report_files(logdir)
+    if exp.is_search and exp.history is not None:
+        write_curves(logdir, exp.history)
     if exp.is_search:
         rows = []
         for _, row in exp.trials.iterrows():
@@ -204,6 +206,26 @@ def write_tensorboard(exp: Experiment) -> None:
                   for i in exp.metrics.get("labels", range(8))]
         write_confusion_image(folder, matrix, labels, confusion["epoch"],
                               f"val confusion, best epoch {confusion['epoch']}")
+
+
+def write_curves(logdir: Path, history: pd.DataFrame) -> None:
+    """Each trial's curves from history.csv, replacing the ones logged live during the search.
+
+    The live ones come from Tune's results, which can miss a trial's last epoch; history.csv
+    is completed from the trial's checkpoint, so the curves end where training did.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fer_tune.tensorboard import REPORT_SUFFIX, log_epoch
+
+    for trial_id, rows in history.groupby(history["trial_id"].astype(str)):
+        folder = logdir / trial_id
+        for live in folder.glob("events.out.tfevents.*"):
+            if not live.name.endswith(REPORT_SUFFIX):
+                live.unlink()
+        with SummaryWriter(str(folder), filename_suffix=REPORT_SUFFIX) as writer:
+            for _, row in rows.sort_values("epoch").iterrows():
+                log_epoch(writer, row.to_dict())
 
 
 # --- markdown --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def log_epoch(writer, metrics: dict) -> None:
     """One epoch's loop metrics as scalars at step = epoch."""
     for key, value in metrics.items():
         tag = scalar_tag(key)
-        if tag and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if tag and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             writer.add_scalar(tag, float(value), int(metrics["epoch"]))
     writer.flush()
 
