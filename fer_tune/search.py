@@ -473,8 +473,8 @@ def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
     histories = {}
     for trial_id, result in zip(trials["trial_id"], results):
         frame = result.metrics_dataframe
-        state = newest_local_state(result.metrics or {})
-        if state is not None:
+        state = newest_local_state(result.metrics or {})  # every epoch, also those before a resume
+        if state is not None and (frame is None or len(state["history"]) >= len(frame)):
             frame = pd.DataFrame(state["history"])
         if frame is None or "epoch" not in frame:
             continue
@@ -528,7 +528,7 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
 
 
 def newest_local_state(last: dict) -> Optional[dict]:
-    """The newest checkpoint of a trial's Train run, when it is local and further on than `last`.
+    """The newest checkpoint of a trial's Train run, when it is local (else None).
 
     A resumed trial's final epochs can be checkpointed by Ray Train yet never reach Tune (seen:
     Tune's record of a resumed trial ends at epoch 6 of 8). The checkpoint keeps every epoch's
@@ -546,7 +546,7 @@ def newest_local_state(last: dict) -> Optional[dict]:
         state = torch.load(newest[-1], map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - unreadable (e.g. being replaced): keep Tune's record
         return None
-    if int(state.get("epoch", 0) or 0) <= int(last.get("epoch", 0) or 0) or not state.get("history"):
+    if not state.get("history"):
         return None
     return {**state, "checkpoint_path": str(newest[-1].parent)}
 
@@ -554,7 +554,7 @@ def newest_local_state(last: dict) -> Optional[dict]:
 def newer_local_epoch(last: dict) -> dict:
     """The trial's last result, from its newest checkpoint when Tune's record stops short."""
     state = newest_local_state(last)
-    if state is None:
+    if state is None or int(state.get("epoch", 0) or 0) <= int(last.get("epoch", 0) or 0):
         return last
     return {**last, **state["history"][-1], "checkpoint_path": state["checkpoint_path"]}
 

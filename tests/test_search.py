@@ -174,11 +174,14 @@ def test_interrupted_and_killed_driver_resume_and_keep_finished_trials(tmp_path)
         return sum(1 for n in rows if 0 < n <= 4) >= 1 and len(completed()) >= done
 
     def start_and_wait(log_name: str, done: int):
+        """Start the search; return once `done` trials completed (and, for the first start, a
+        running trial has checkpointed an epoch: Ctrl-C must interrupt a trial mid-way)."""
         log = open(tmp_path / log_name, "w")
         process = subprocess.Popen(command + (["--resume"] if done > 1 else []), stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
+        ready = (lambda: running_trial_has_an_epoch(done)) if done == 1 else (lambda: len(completed()) >= done)
         deadline = time.time() + 400
-        while time.time() < deadline and process.poll() is None and not running_trial_has_an_epoch(done):
+        while time.time() < deadline and process.poll() is None and not ready():
             time.sleep(1)
         assert process.poll() is None, (tmp_path / log_name).read_text()[-2000:]
         return process
