@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from fer_tune.data.sources import IMAGE_EXTENSIONS, BadImage
+from fer_tune.data.sources import IMAGE_EXTENSIONS, BadImage, _read_rgb
 from fer_tune.errors import UserError
 
 DEFAULT_MARGIN = 0.2
@@ -55,24 +55,7 @@ def read_photo(path: Path) -> np.ndarray:
     Decodes like training does (`fer_tune.data.sources`: PIL, any mode converted to RGB, so a
     grayscale face becomes three equal channels); only the EXIF rotation of camera photos is extra.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-    except FileNotFoundError:
-        raise BadImage(path, "file not found") from None
-    except UnidentifiedImageError:
-        raise BadImage(path, "not an image (unknown format)") from None
-    except Image.DecompressionBombError as err:
-        raise BadImage(path, f"image too large: {err}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise BadImage(path, f"unreadable or truncated image: {err}") from None
-    array = np.asarray(rgb, dtype=np.uint8)
-    if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
-        raise BadImage(path, f"unexpected image shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return _read_rgb(path, upright=True)
 
 
 class FaceDetector:

@@ -377,13 +377,14 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("._")
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _read_rgb(path: Path, upright: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3); `upright` applies a photo's EXIF orientation (for camera photos)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = (ImageOps.exif_transpose(im) if upright else im).convert("RGB")
     except FileNotFoundError:
         raise BadImage(path, "file not found") from None
     except UnidentifiedImageError:
