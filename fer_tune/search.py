@@ -606,7 +606,7 @@ def connect_ray(address: Optional[str], verbose: int) -> bool:
         # placement groups of trials that ASHA stops; without it their CPUs are never released.
         with ctrl_c_reaches_only_the_driver(started_here=not joined):
             ray.init(address=address, dashboard_host="127.0.0.1", log_to_driver=verbose > 1,
-                     configure_logging=verbose > 1, runtime_env={"env_vars": _worker_env()}, **dashboard)
+                     configure_logging=verbose > 1, runtime_env={"env_vars": _worker_env(joined)}, **dashboard)
     except ConnectionError as err:
         if "AuthenticationError" in repr(err.__cause__):
             raise UserError(f"{given} {address}: the cluster wants its authentication token; copy it from the "
@@ -672,15 +672,22 @@ def _unreachable(address: str) -> Optional[str]:
         return err.strerror or str(err) or type(err).__name__
 
 
-def _worker_env() -> dict:
-    """Environment of every Ray worker: Train's worker-group start timeout (a trial may wait for
-    the previous one's CPUs, or for an autoscaler's new node). A job submitted with its own
-    runtime_env may set it there, and ray.init must not set the same variable again."""
-    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+def _worker_env(joined: bool = True) -> dict:
+    """Environment of every Ray worker of this search.
+
+    Train's worker-group start timeout: a trial may wait for the previous one's CPUs, or for an
+    autoscaler's new node. On a Ray this search starts itself (one machine, nothing preempted),
+    Train's preemption watcher and Prometheus metrics are switched off: two more processes and
+    periodic work per trial that compete with training for the CPU (benchmarks/overhead.py).
+    A job submitted with its own runtime_env may set these there, and ray.init must not set the
+    same variable again; a variable set in the driver's environment wins.
+    """
+    wanted = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+    if not joined:
+        wanted.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_METRICS_ENABLED="0")
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    if name in ((job.get("runtime_env") or {}).get("env_vars") or {}):
-        return {}
-    return {name: os.environ.get(name, "600")}
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {name: os.environ.get(name, value) for name, value in wanted.items() if name not in taken}
 
 
 def _driver_node_resource() -> str:

@@ -191,6 +191,23 @@ def test_unusable_address_or_storage_is_one_line(tmp_path, capsys):
         assert expected in err and len(err.splitlines()) == 1, err
 
 
+def test_worker_env_drops_preemption_watcher_and_metrics_only_on_a_ray_started_here(monkeypatch):
+    from fer_tune.search import _worker_env
+
+    for name in ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                 "RAY_TRAIN_METRICS_ENABLED", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(name, raising=False)
+    assert _worker_env(joined=False) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+                                         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                         "RAY_TRAIN_METRICS_ENABLED": "0"}
+    assert _worker_env(joined=True) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}  # a cluster keeps them
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's choice wins
+    assert _worker_env(joined=False)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    job = {"runtime_env": {"env_vars": {"RAY_TRAIN_METRICS_ENABLED": "1"}}}  # set by `ray job submit`
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert "RAY_TRAIN_METRICS_ENABLED" not in _worker_env(joined=False)
+
+
 def test_worker_without_the_dataset_names_its_node(tmp_path):
     from fer_tune.search import _require_dataset_here
 
