@@ -27,17 +27,24 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from fer_tune.data.prepare import PreparedData, prepare_data
 from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_text
 from fer_tune.spec import ResourcesSpec, Spec, SpaceEntry, describe_differences, load_spec
 from fer_tune.tensorboard import log_epoch, scalar_tag
-from fer_tune.train import (check_writable, evaluate_on_test, export_best, format_test, load_torch, save_torch,
-                            write_history, write_report)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fer_tune.data.prepare import PreparedData
+
+# Deliberately light at import: every trial's Tune actor and Train controller import this module
+# (they unpickle `trial` and `train_worker`) and need neither timm, sklearn nor pandas. The
+# training stack (fer_tune.train, fer_tune.data.prepare, pandas) is imported where it is used.
 
 METRIC = "best_objective"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -116,6 +123,7 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
 
     from fer_tune.loop import TrainingDiverged, fit
+    from fer_tune.train import load_torch, save_torch
 
     _require_dataset_here(config["spec"])
     spec = Spec.model_validate(config["spec"])
@@ -160,6 +168,8 @@ def worker_data(spec: Spec, config: dict) -> PreparedData:
     (every node needs the dataset at the same path), so no shared filesystem is needed.
     """
     import ray
+
+    from fer_tune.data.prepare import PreparedData
 
     shipped = ray.get(config["data"])
     info = shipped["info"]
@@ -323,6 +333,9 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     import optuna
 
+    from fer_tune.data.prepare import prepare_data
+    from fer_tune.train import check_writable
+
     started = time.time()
     out = Path(out).resolve()
     _check_same_experiment(spec, out, resume)
@@ -439,6 +452,8 @@ def ctrl_c_stops_gracefully():
 
 def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
     """Test the best trial's best epoch once, write trials.csv and export best/."""
+    from fer_tune.train import evaluate_on_test, export_best, format_test, write_history, write_report
+
     trials = trial_table(spec, results)
     atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
     done = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
@@ -470,6 +485,8 @@ def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
 
 def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
     """Each trial's per-epoch loop metrics (Tune's own bookkeeping columns left out)."""
+    import pandas as pd
+
     histories = {}
     for trial_id, result in zip(trials["trial_id"], results):
         frame = result.metrics_dataframe
@@ -500,6 +517,8 @@ def trial_confusions(trials: pd.DataFrame) -> dict[str, dict]:
 
 
 def trial_table(spec: Spec, results) -> pd.DataFrame:
+    import pandas as pd
+
     rows = []
     for result in results:
         config = result.config or {}
@@ -568,6 +587,8 @@ def checkpoint_location(storage: Optional[str], fs_path: str) -> str:
 def read_checkpoint(location: str) -> dict:
     """A trial checkpoint's state, read in place or fetched from the storage URI it lives at."""
     from ray.train import Checkpoint
+
+    from fer_tune.train import load_torch
 
     with Checkpoint(location).as_directory() as folder:
         return load_torch(Path(folder) / CHECKPOINT_FILE)
