@@ -190,9 +190,9 @@ def write_tensorboard(exp: Experiment) -> None:
     logdir = exp.out / "tensorboard"
     logdir.mkdir(parents=True, exist_ok=True)
     clear_report_files(logdir)
-    if exp.is_search and exp.history is not None:
-        write_curves(logdir, exp.history)
     if exp.is_search:
+        if exp.history is not None:
+            write_curves(logdir, exp.history)
         rows = []
         for _, row in exp.trials.iterrows():
             rows.append({"trial_id": row["trial_id"], "status": row["stop_reason"],

@@ -25,10 +25,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from typing import TYPE_CHECKING
-
+import pandas as pd
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
@@ -38,13 +37,12 @@ from fer_tune.spec import ResourcesSpec, Spec, SpaceEntry, describe_differences,
 from fer_tune.tensorboard import log_epoch, scalar_tag
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from fer_tune.data.prepare import PreparedData
 
 # Deliberately light at import: every trial's Tune actor and Train controller import this module
-# (they unpickle `trial` and `train_worker`) and need neither timm, sklearn nor pandas. The
-# training stack (fer_tune.train, fer_tune.data.prepare, pandas) is imported where it is used.
+# (they unpickle `trial` and `train_worker`) and need neither timm nor sklearn. The training stack
+# (fer_tune.train, fer_tune.data.prepare) is imported where it is used. pandas stays: ray.tune
+# imports it anyway.
 
 METRIC = "best_objective"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -485,8 +483,6 @@ def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
 
 def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
     """Each trial's per-epoch loop metrics (Tune's own bookkeeping columns left out)."""
-    import pandas as pd
-
     histories = {}
     for trial_id, result in zip(trials["trial_id"], results):
         frame = result.metrics_dataframe
@@ -517,8 +513,6 @@ def trial_confusions(trials: pd.DataFrame) -> dict[str, dict]:
 
 
 def trial_table(spec: Spec, results) -> pd.DataFrame:
-    import pandas as pd
-
     rows = []
     for result in results:
         config = result.config or {}
