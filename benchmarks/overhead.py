@@ -9,14 +9,18 @@ synthetic faces) with its space removed, `search.num_samples: 1`, `search.schedu
 (no early stop), `train.early_stop_patience: null`, one worker with `--cpus` CPUs (torch threads
 in both commands). Each command runs as a real subprocess (`python -m fer_tune.cli train|run
 SPEC --out FRESH_DIR`), so both walls include the interpreter start, data preparation, the test
-evaluation and the report; `run` also starts (and stops) its local Ray cluster, Tune, the Train
-worker group, and reports + checkpoints every epoch through Ray.
+evaluation and the report; `run` also starts (and stops) its local Ray cluster and Tune, and
+reports + checkpoints every epoch through Ray.
 
-The arms run interleaved, in alternating order, `--repeats` times; medians are compared:
+`run` is measured both ways a trial can train (`resources.trainer`): as fer-tune runs it on a
+local Ray by default, in the Tune trial's own process (`run`), and through a Ray Train
+TorchTrainer with its controller and worker processes (`run/TorchTrainer`, what every trial on a
+cluster and every multi-worker trial uses). The arms run interleaved, in rotating order,
+`--repeats` times; medians are compared:
 
-- ratio = wall(run, N epochs) / wall(train, N epochs); target <= 1.10, for a trial of about
-  2 minutes on CPU (pick --epochs / --set model.backbone=... so `train` takes ~120 s; the table
-  says how long it took);
+- ratio = wall(run, N epochs) / wall(train, N epochs), for each `run` arm; target <= 1.10, for a
+  trial of about 2 minutes on CPU (pick --epochs / --set model.backbone=... so `train` takes
+  ~120 s; the table says how long it took);
 - fixed cost per trial, two ways: run - train at N epochs (seconds), and, from 1-epoch runs of
   both arms (`--short-epochs`, 0 to skip), each arm's intercept and per-epoch slope of wall vs
   epochs: the intercept difference is Ray's fixed cost (one-trial search: it includes starting
@@ -38,6 +42,10 @@ from common import (SEARCH_SPACES, machine_header, markdown_table, median, read_
                     usable_cores, verdict, write_spec)
 
 TARGET = 1.10
+ARMS = {"train": ("train", []),  # name: (fer-tune command, spec overrides)
+        "run": ("run", []),
+        "run/TorchTrainer": ("run", ["resources.trainer=torch_trainer"])}
+RUN_ARMS = ["run", "run/TorchTrainer"]
 SMOKE = ["data.synthetic.n=240", "data.synthetic.identities=40", "data.image_size=24", "data.split.val=40",
          "data.split.test=40", "model.backbone=test_resnet", "train.batch_size=32"]
 
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = list(args.set)
     if args.smoke:
-        args.epochs, args.short_epochs, args.repeats = 2, 0, 1  # two CLI runs: about a minute when idle
+        args.epochs, args.short_epochs, args.repeats = 2, 0, 1  # three CLI runs: about 1.5 min when idle
         extra = [*SMOKE, *extra]
         args.backbone = None
     if args.short_epochs >= args.epochs:
@@ -73,53 +81,58 @@ def main(argv: list[str] | None = None) -> int:
                 "search.scheduler.type=none", "train.early_stop_patience=null", "resources.workers_per_trial=1",
                 f"resources.cpus_per_worker={args.cpus:g}", *extra]
         epochs = [args.epochs] + ([args.short_epochs] if args.short_epochs else [])
-        specs = {n: write_spec(args.spec, [*base, f"train.epochs={n}"], work / f"spec_{n}ep.yaml", drop_space=True)
-                 for n in epochs}
+        specs = {(arm, n): write_spec(args.spec, [*base, *ARMS[arm][1], f"train.epochs={n}"],
+                                      work / f"spec_{arm.replace('/', '_')}_{n}ep.yaml", drop_space=True)
+                 for arm in ARMS for n in epochs}
         from fer_tune.spec import load_spec
 
-        spec = load_spec(specs[args.epochs])
+        spec = load_spec(specs[("train", args.epochs)])
         print(smoke_note(args.smoke) + f"one config, {spec.model.backbone} at {spec.data.image_size} px on "
               f"{spec.data.source} data, batch {spec.train.batch_size}, {args.cpus:g} CPU(s) per trial; "
               f"{args.epochs} epochs (and {args.short_epochs} for the intercept); median of {args.repeats} "
-              f"interleaved repeats; spec: {specs[args.epochs]}\n", flush=True)
+              f"interleaved repeats; specs: {work}/spec_*.yaml\n", flush=True)
 
         walls: dict[tuple[str, int], list[float]] = {}
         own: dict[tuple[str, int], list[float]] = {}
-        runs = [(command, n) for n in epochs for command in ("train", "run")]
+        runs = [(arm, n) for n in epochs for arm in ARMS]
         for repeat in range(args.repeats):
-            for command, n in (runs if repeat % 2 == 0 else runs[::-1]):
-                out = work / f"{command}_{n}ep_r{repeat}"
+            shift = repeat % len(runs)
+            for arm, n in runs[shift:] + runs[:shift]:
+                name = f"{arm.replace('/', '_')}_{n}ep_r{repeat}"
+                out = work / name
                 shutil.rmtree(out, ignore_errors=True)
-                wall = run_cli([command, specs[n], "--out", out], work / f"{command}_{n}ep_r{repeat}.log")
+                wall = run_cli([ARMS[arm][0], specs[(arm, n)], "--out", out], work / f"{name}.log")
                 metrics = read_metrics(out)
-                walls.setdefault((command, n), []).append(wall)
-                own.setdefault((command, n), []).append(float(metrics.get("wall_seconds", float("nan"))))
-                print(f"repeat {repeat + 1}/{args.repeats}: fer-tune {command} {n} epochs: {wall:.1f} s",
+                walls.setdefault((arm, n), []).append(wall)
+                own.setdefault((arm, n), []).append(float(metrics.get("wall_seconds", float("nan"))))
+                print(f"repeat {repeat + 1}/{args.repeats}: fer-tune {arm} {n} epochs: {wall:.1f} s",
                       file=sys.stderr, flush=True)
                 if not args.work:
                     shutil.rmtree(out, ignore_errors=True)
 
     m = {key: median(v) for key, v in walls.items()}
-    rows = [[f"fer-tune {c}", f"{n}", f"{m[(c, n)]:.1f}", f"{median(own[(c, n)]):.1f}",
-             " ".join(f"{w:.1f}" for w in walls[(c, n)])] for n in epochs for c in ("train", "run")]
+    rows = [[f"fer-tune {arm}", f"{n}", f"{m[(arm, n)]:.1f}", f"{median(own[(arm, n)]):.1f}",
+             " ".join(f"{w:.1f}" for w in walls[(arm, n)])] for n in epochs for arm in ARMS]
     print(markdown_table(["command", "epochs", "median wall s (subprocess)", "median wall_seconds (own)",
                           "all repeats s"], rows))
     print()
     N = args.epochs
-    ratio = m[("run", N)] / m[("train", N)]
     print(f"train wall at {N} epochs: {m[('train', N)]:.1f} s (the issue asks for a trial of about 120 s on CPU)")
     if args.short_epochs:
         S = args.short_epochs
         line = {}
-        for c in ("train", "run"):
-            slope = (m[(c, N)] - m[(c, S)]) / (N - S)
-            line[c] = (m[(c, S)] - slope * S, slope)
-            print(f"{c}: wall = {line[c][0]:.1f} s + {line[c][1]:.2f} s/epoch (through {S} and {N} epochs)")
-        print(f"P2 fixed cost per trial (intercept run - train): {line['run'][0] - line['train'][0]:.1f} s; "
-              f"per-epoch cost of the Ray path: {line['run'][1] - line['train'][1]:+.2f} s/epoch")
-    print(f"P2 fixed cost per trial (run - train at {N} epochs): {m[('run', N)] - m[('train', N)]:.1f} s")
-    print(f"P2 ratio run / train ({N} epochs): {ratio:.3f} (target <= {TARGET:.2f}: "
-          f"{verdict(ratio, TARGET, higher_is_better=False)}){' [smoke]' if args.smoke else ''}")
+        for arm in ARMS:
+            slope = (m[(arm, N)] - m[(arm, S)]) / (N - S)
+            line[arm] = (m[(arm, S)] - slope * S, slope)
+            print(f"{arm}: wall = {line[arm][0]:.1f} s + {line[arm][1]:.2f} s/epoch (through {S} and {N} epochs)")
+        for arm in RUN_ARMS:
+            print(f"P2 {arm}: fixed cost per trial (intercept {arm} - train): {line[arm][0] - line['train'][0]:.1f} s; "
+                  f"per-epoch cost of the Ray path: {line[arm][1] - line['train'][1]:+.2f} s/epoch")
+    for arm in RUN_ARMS:
+        ratio = m[(arm, N)] / m[("train", N)]
+        print(f"P2 {arm}: fixed cost per trial ({arm} - train at {N} epochs): {m[(arm, N)] - m[('train', N)]:.1f} s")
+        print(f"P2 ratio {arm} / train ({N} epochs): {ratio:.3f} (target <= {TARGET:.2f}: "
+              f"{verdict(ratio, TARGET, higher_is_better=False)}){' [smoke]' if args.smoke else ''}")
     return 0
 
 

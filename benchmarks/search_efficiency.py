@@ -23,7 +23,8 @@ The searcher seed is the seed; data, split and training seed stay fixed.
 
 Epoch accounting comes from each run's own records. The Ray runs: every trial's Tune
 `DIR/tune/trial_*/progress.csv` (one row per reported epoch: trial_id, epoch, objective), each
-epoch placed in time by its checkpoint's name (Ray Train names a checkpoint by the time it is
+epoch placed in time by `reported_at` (the time fer-tune reported it) or, in experiments from
+before that column, by its checkpoint's name (Ray Train names a checkpoint by the time it is
 registered, to the microsecond; `checkpoint_path` in the row) or, failing that, by Tune's
 `timestamp` (whole seconds); `report/history.csv` drops those columns, so it is not used. The
 Optuna runs: the time each epoch's report reached the callback. All reported epochs of a run,
@@ -95,6 +96,8 @@ def ray_timeline(experiment: Path) -> pd.DataFrame:
 
 
 def _epoch_time(row) -> float:
+    if pd.notna(row.get("reported_at", float("nan"))):
+        return float(row["reported_at"])
     match = CHECKPOINT_TIME.search(str(row.get("checkpoint_path", "")))
     if match:
         return datetime.datetime.strptime(match.group(1), "%Y-%m-%d_%H-%M-%S.%f").timestamp()

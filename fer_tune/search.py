@@ -1,11 +1,14 @@
-"""`fer-tune run`: a Ray Tune search whose every trial trains through a Ray Train TorchTrainer.
+"""`fer-tune run`: a Ray Tune search whose every trial trains through a Ray Train TorchTrainer
+(or, for a one-worker trial on a Ray fer-tune starts, in the Tune trial's own process).
 
 Flow (top to bottom in `run_search`):
 1. validate the spec and prepare the data once (split CSVs, train/val image caches) before Ray;
 2. a Tuner over `trial` (a Tune function trainable), with OptunaSearch (TPE, study in
    `DIR/optuna.db`) over the spec's `space:` and ASHA on the objective;
 3. each `trial` launches a TorchTrainer whose workers run `fit()` (DDP when more than one) and
-   report every epoch through `ray.train.report`; TuneReportCallback forwards rank 0's metrics;
+   report every epoch through `ray.train.report`; TuneReportCallback forwards rank 0's metrics.
+   A one-worker trial on a local Ray runs `fit()` itself and reports through `ray.tune.report`
+   (`resources.trainer`, see `trains_in_trial`): the same loop, without Train's extra processes;
 4. after the search the best trial's best epoch is tested once on the test split, and its config
    and weights are exported to `DIR/best/`.
 
@@ -120,41 +123,51 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    # A diverged run ends normally (Train would retry it from its checkpoint, to diverge again);
+    # its last report, with a checkpoint, tells the trial function, which then fails the trial.
+    train_and_report(config, rank=ray.train.get_context().get_world_rank(), device=ray.train.torch.get_device(),
+                     checkpoint=ray.train.get_checkpoint(), report_to=ray.train.report,
+                     checkpoint_from=ray.train.Checkpoint.from_directory)
+
+
+def train_and_report(config: dict, rank: int, device, checkpoint, report_to, checkpoint_from) -> Optional[str]:
+    """`fit()` resumed from `checkpoint`, reporting every epoch through `report_to` (rank 0 with a
+    checkpoint made by `checkpoint_from`); returns why training diverged, or None.
+
+    Runs in a Ray Train worker (`train_worker`) or in the Tune trial itself (`in_trial`).
+    """
     from fer_tune.loop import TrainingDiverged, fit
     from fer_tune.train import load_torch, save_torch
 
     _require_dataset_here(config["spec"])
     spec = Spec.model_validate(config["spec"])
-    prepared = worker_data(spec, config)
-    train, val = prepared.load("train", progress=False), prepared.load("val", progress=False)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    nodes = ",".join(worker_nodes())
     resume = None
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_torch(Path(folder) / CHECKPOINT_FILE)
-
+    if resume and resume.get("diverged"):  # a retried diverged trial would only diverge again
+        return resume["diverged"]
+    prepared = worker_data(spec, config)
+    train, val = prepared.load("train", progress=False), prepared.load("val", progress=False)
+    nodes = ",".join(worker_nodes())
     last: dict = {"metrics": {METRIC: float("nan"), "epoch": 0}, "state": {}}
 
     def report(metrics: dict, state: Optional[dict]) -> None:
-        metrics = {**metrics, "worker_nodes": nodes}
+        metrics = {**metrics, "worker_nodes": nodes, "reported_at": time.time()}  # Tune's timestamp is whole s
         last.update(metrics=metrics, state=state or last["state"])
         if rank != 0 or state is None:
-            ray.train.report(metrics)
+            report_to(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             save_torch(Path(folder) / CHECKPOINT_FILE, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            report_to(metrics, checkpoint=checkpoint_from(folder))
 
     try:
-        fit(spec, train, val, prepared.labels, report, device=ray.train.torch.get_device(), resume=resume)
+        fit(spec, train, val, prepared.labels, report, device=device, resume=resume)
     except TrainingDiverged as err:
-        # Report instead of raising: Train would retry it from its checkpoint, to diverge again.
-        # The report carries a checkpoint because the trial function reads the run's result,
-        # whose metrics are those of its latest checkpoint.
         report({**last["metrics"], "finished": False, "diverged": str(err)}, {**last["state"], "diverged": str(err)})
+        return str(err)
+    return None
 
 
 def worker_data(spec: Spec, config: dict) -> PreparedData:
@@ -216,12 +229,18 @@ def scaling_config(res: ResourcesSpec, use_gpu: bool):
                          placement_strategy="SPREAD" if res.placement == "spread" else "PACK")
 
 
-def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, data, driver_node: str):
-    """The Tune function trainable: one TorchTrainer per trial, named after the trial id.
+def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, data, driver_node: str,
+               in_trial: bool = False):
+    """The Tune function trainable: one TorchTrainer per trial, named after the trial id, or with
+    `in_trial` the training itself in the trial's process (see `trains_in_trial`).
 
     `data` is the object-store reference of the split tables (see `worker_data`); `storage` is
     where the trial's Train run and checkpoints go (see `train_storage`).
     """
+
+    def worker_config(sampled: Spec) -> dict:
+        return {"spec": sampled.model_dump(mode="json"), "experiment_dir": str(experiment_dir), "data": data,
+                "driver_node": driver_node}
 
     def trial(config: dict) -> None:
         import ray.tune
@@ -235,8 +254,7 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, da
         wait_for_resources(res.workers_per_trial * res.cpus_per_worker, res.workers_per_trial if use_gpu else 0)
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"spec": sampled.model_dump(mode="json"), "experiment_dir": str(experiment_dir),
-                               "data": data, "driver_node": driver_node},
+            train_loop_config=worker_config(sampled),
             scaling_config=scaling_config(res, use_gpu),
             run_config=RunConfig(name=trial_id, storage_path=storage, callbacks=[TuneReportCallback()],
                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -250,7 +268,38 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, da
 
             raise TrainingDiverged(diverged)
 
+    def trial_in_process(config: dict) -> None:
+        import ray.tune
+        import torch
+
+        diverged = train_and_report(worker_config(trial_spec(spec, config)), rank=0,
+                                    device=torch.device("cuda", 0) if use_gpu else torch.device("cpu"),
+                                    checkpoint=ray.tune.get_checkpoint(), report_to=ray.tune.report,
+                                    checkpoint_from=ray.tune.Checkpoint.from_directory)
+        if diverged:  # Tune retries a failed trial from its last checkpoint, which says it diverged
+            from fer_tune.loop import TrainingDiverged
+
+            raise TrainingDiverged(diverged)
+
+    if in_trial:
+        trial_in_process.__name__ = trial.__name__  # Tune names trials (and their folders) after it
+        return trial_in_process
     return trial
+
+
+def trains_in_trial(spec: Spec, joined: bool) -> bool:
+    """Whether each trial trains in its own Tune process rather than through a TorchTrainer.
+
+    A TorchTrainer adds a controller and a worker process per trial: about 20 s of start-up on a
+    small machine (benchmarks/overhead.py), which a one-worker trial does not need. Tune then
+    restarts a crashed trial from its last checkpoint, as Train would restart its worker. On a
+    cluster fer-tune joined, trials keep the TorchTrainer: its checkpoints go to `search.storage`
+    and its controller stays on the driver's node (see `run_search`).
+    """
+    res = spec.resources
+    if res.trainer != "auto":
+        return res.trainer == "in_trial"
+    return not joined and res.workers_per_trial == 1 and spec.search.storage is None
 
 
 def wait_for_last_report(timeout: float = 60.0) -> None:
@@ -348,6 +397,12 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     prepared = prepare_data(spec.data, out)  # reads and splits the labels: bad data fails here
     joined = connect_ray(address, verbose)
     use_gpu, concurrency = _placement(spec, joined)
+    in_trial = trains_in_trial(spec, joined)
+    if in_trial:
+        checkpoints = str(out / "tune")  # Tune keeps them beside each trial's results
+        # Keeping one checkpoint per trial makes Tune save its experiment state at each; with epochs
+        # of a few seconds it warns about every one of them.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _note_multi_node_storage(checkpoints)
     prepared.load("train"), prepared.load("val")  # the driver node's caches, built once before any trial
     data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
@@ -362,16 +417,19 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
                                grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
                  if sched.type == "asha" else FIFOScheduler())
-    # The trial function only waits on its TorchTrainer: it holds memory, not a CPU a worker needs.
-    # It runs on the driver's node, as does the Train controller it starts, so a lost worker node
-    # takes only training workers with it, and Train retries the trial from its last checkpoint.
-    trial = tune.with_resources(
-        make_trial(spec, out, use_gpu, checkpoints, data, ray.get_runtime_context().get_node_id()),
-        {"cpu": 0, "memory": 256 * 2**20, _driver_node_resource(): 0.001})
-    # Crashed workers are retried by Ray Train from the trial's last checkpoint; a trial that
-    # fails anyway (diverged, raised) stays errored, also when the search is resumed.
+    # Through a TorchTrainer, the trial function only waits on it: it holds memory, not a CPU a
+    # worker needs. It runs on the driver's node, as does the Train controller it starts, so a lost
+    # worker node takes only training workers with it, and Train retries the trial from its last
+    # checkpoint; a trial that fails anyway (diverged, raised) stays errored, also when resumed.
+    # In the trial's own process, the trial holds what one worker would, and Tune does the retries.
+    trainable = make_trial(spec, out, use_gpu, checkpoints, data, ray.get_runtime_context().get_node_id(), in_trial)
+    holds = ({"cpu": spec.resources.cpus_per_worker, "gpu": 1 if use_gpu else 0} if in_trial
+             else {"cpu": 0, "memory": 256 * 2**20, _driver_node_resource(): 0.001})
+    trial = tune.with_resources(trainable, holds)
+    retries = spec.search.max_failures if in_trial else 0  # a TorchTrainer trial's are Train's
     run_config = tune.RunConfig(name="tune", storage_path=storage, verbose=verbose,
-                                failure_config=tune.FailureConfig(max_failures=0),
+                                failure_config=tune.FailureConfig(max_failures=retries),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                 callbacks=[TrialCurves(out / "tensorboard")])
     tune_dir = out / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
@@ -486,7 +544,7 @@ def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
     histories = {}
     for trial_id, result in zip(trials["trial_id"], results):
         frame = result.metrics_dataframe
-        state = newest_local_state(result.metrics or {})  # every epoch, also those before a resume
+        state = newest_local_state(last_result(result))  # every epoch, also those before a resume
         if state is not None and (frame is None or len(state["history"]) >= len(frame)):
             frame = pd.DataFrame(state["history"])
         if frame is None or "epoch" not in frame:
@@ -517,7 +575,7 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
     for result in results:
         config = result.config or {}
         history = result.metrics_dataframe
-        last = newer_local_epoch(result.metrics or {})
+        last = newer_local_epoch(last_result(result))
         epochs = int(last.get("epoch", 0) or 0)
         if result.error is not None:
             reason = "errored"
@@ -538,6 +596,15 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
         row["checkpoint"] = checkpoint_location(spec.search.storage, last.get("checkpoint_path") or "")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def last_result(result) -> dict:
+    """A trial's last reported metrics and, as `checkpoint_path`, where its last checkpoint is
+    (TuneReportCallback adds that for a TorchTrainer; an in-trial checkpoint is Tune's own)."""
+    metrics = dict(result.metrics or {})
+    if not metrics.get("checkpoint_path") and result.checkpoint is not None:
+        metrics["checkpoint_path"] = result.checkpoint.path
+    return metrics
 
 
 def newest_local_state(last: dict) -> Optional[dict]:

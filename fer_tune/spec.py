@@ -196,6 +196,18 @@ class ResourcesSpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) of each training process")
     use_gpu: Union[bool, Literal["auto"]] = "auto"
     placement: Literal["pack", "spread"] = "pack"
+    trainer: Literal["auto", "torch_trainer", "in_trial"] = Field(
+        "auto", description="how a search's trial trains: through a Ray Train TorchTrainer (any number of "
+                            "workers, DDP; Train restarts a crashed worker) or in the Tune trial's own process "
+                            "(one worker, about 20 s less start-up per trial; Tune restarts a crashed trial); "
+                            "auto: in_trial for one worker on a Ray that fer-tune starts, else torch_trainer")
+
+    @model_validator(mode="after")
+    def _in_trial_is_one_worker(self) -> "ResourcesSpec":
+        if self.trainer == "in_trial" and self.workers_per_trial != 1:
+            raise ValueError(f"trainer: in_trial trains in one process; {self.workers_per_trial} workers per "
+                             f"trial need torch_trainer (or auto)")
+        return self
 
 
 class SearcherSpec(Strict):
@@ -322,6 +334,13 @@ class Spec(Strict):
     resources: ResourcesSpec = ResourcesSpec()
     search: SearchSpec = SearchSpec()
     space: dict[str, Union[SpaceEntry, list[SpaceEntry]]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _in_trial_checkpoints_stay_local(self) -> "Spec":
+        if self.resources.trainer == "in_trial" and self.search.storage is not None:
+            raise ValueError("resources.trainer: in_trial keeps checkpoints in the experiment folder; "
+                             "search.storage needs torch_trainer (or auto)")
+        return self
 
     @model_validator(mode="after")
     def _space_names_fields(self) -> "Spec":

@@ -355,6 +355,18 @@ def workers_per_trial_never_placeable(tmp):
 
 
 @case
+def in_trial_with_several_workers(tmp):
+    return ["run", spec(tmp, resources={"trainer": "in_trial", "workers_per_trial": 2})], [
+        "{tmp}/spec.yaml", "resources", "trainer: in_trial trains in one process", "need torch_trainer"]
+
+
+@case
+def in_trial_with_checkpoint_storage(tmp):
+    return ["run", spec(tmp, resources={"trainer": "in_trial"}), "--storage", tmp / "checkpoints"], [
+        "resources.trainer: in_trial keeps checkpoints in the experiment folder", "search.storage needs torch_trainer"]
+
+
+@case
 def use_gpu_without_gpu(tmp):
     import torch
 

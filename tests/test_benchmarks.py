@@ -46,3 +46,14 @@ def test_epochs_to_target_follow_completion_time_across_trials(tmp_path):
     assert (reached.epochs_to_target, reached.reached, reached.epochs_total, reached.best) == (4, True, 5, 0.6)
     never = search_efficiency.outcome(timeline, target=0.9)
     assert (never.epochs_to_target, never.reached) == (5, False)
+
+
+def test_epochs_are_ordered_by_when_they_were_reported(tmp_path):
+    """In-trial runs have no Ray Train checkpoint names: fer-tune's `reported_at` orders epochs."""
+    for trial, rows in {"aaaa": [(1, 0.1, 100.2), (2, 0.3, 101.7)], "bbbb": [(1, 0.2, 100.9), (2, 0.4, 101.1)]}.items():
+        folder = tmp_path / "tune" / f"trial_{trial}_1_train_lr=0.001_2026-01-01_00-00-00"
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"epoch": e, "objective": o, "timestamp": 100, "reported_at": t, "trial_id": trial}
+                      for e, o, t in rows]).to_csv(folder / "progress.csv", index=False)
+    timeline = search_efficiency.ray_timeline(tmp_path)
+    assert list(zip(timeline["trial"], timeline["epoch"])) == [("aaaa", 1), ("bbbb", 1), ("bbbb", 2), ("aaaa", 2)]

@@ -41,6 +41,20 @@ def test_conditional_space_samples_only_matching_entries(tmp_path):
     assert seen == {"resnet10t", "mobilenetv3_small_050"}
 
 
+def test_one_worker_trials_train_in_their_tune_process_only_on_a_ray_fer_tune_starts(tmp_path):
+    from fer_tune.search import trains_in_trial
+
+    def spec(**sections):
+        return load_spec(write_spec(tmp_path / "s.yaml", **sections))
+
+    assert trains_in_trial(spec(), joined=False)
+    assert not trains_in_trial(spec(), joined=True)  # a cluster's checkpoints belong in search.storage
+    assert not trains_in_trial(spec(resources={"workers_per_trial": 2}), joined=False)  # DDP
+    assert not trains_in_trial(spec(search={"storage": str(tmp_path / "ckpt")}), joined=False)
+    assert not trains_in_trial(spec(resources={"trainer": "torch_trainer"}), joined=False)
+    assert trains_in_trial(spec(resources={"trainer": "in_trial"}), joined=True)
+
+
 # SGD at lr 1e8 diverges at once: the search must record that trial as errored and go on.
 SEARCH_SPACE = {
     "model.backbone": {"choice": ["resnet10t", "mobilenetv3_small_050"]},
@@ -108,8 +122,8 @@ def test_test_split_untouched_until_final_evaluation(searched):
     _, out = searched
     test_cache = [p for p in (out / "cache").glob("test_*px_*.npy") if ".kept" not in p.name]
     assert len(test_cache) == 1
-    trial_files = [p for p in (out / "train").rglob("*") if p.is_file()]
-    assert trial_files
+    trial_files = list(out.rglob("checkpoint.pt"))  # each trial's, wherever its trainer keeps them
+    assert len({p.parent.parent for p in trial_files}) == 4
     # the test images were decoded (first read) only after every trial had written its last file
     assert test_cache[0].stat().st_mtime >= max(p.stat().st_mtime for p in trial_files)
 
@@ -198,7 +212,7 @@ def test_interrupted_and_killed_driver_resume_and_keep_finished_trials(tmp_path)
     os.killpg(second.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, like a crash
     second.wait()
     done_before |= {t.params["model.dropout"] for t in completed()}
-    checkpoints_before = {p for p in (out / "train").rglob("checkpoint.pt")}
+    checkpoints_before = set(out.rglob("checkpoint.pt"))
 
     assert main(["run", str(spec), "--out", str(out), "--resume"]) == 0
     trials = pd.read_csv(out / "report" / "trials.csv")
@@ -206,20 +220,23 @@ def test_interrupted_and_killed_driver_resume_and_keep_finished_trials(tmp_path)
     assert done_before <= set(trials["model.dropout"])
     # every trial that had a checkpoint still has one (a resumed trial keeps only its newest)
     trials_with_checkpoints = {p.parent.parent.name for p in checkpoints_before}
-    assert trials_with_checkpoints <= {p.parent.parent.name for p in (out / "train").rglob("checkpoint.pt")}
+    assert trials_with_checkpoints <= {p.parent.parent.name for p in out.rglob("checkpoint.pt")}
     history = pd.read_csv(out / "report" / "history.csv")
     assert history["resumed_from_epoch"].max() >= 1  # a running trial went on from its checkpoint
     assert len(completed()) == 3
 
 
-def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("trainer, process", [("torch_trainer", "ray::RayTrainWorker"),
+                                              ("in_trial", "ray::ImplicitFunc")])
+def test_killed_training_process_resumes_from_its_last_checkpoint(tmp_path, trainer, process):
+    """Train restarts a TorchTrainer's killed worker; Tune restarts a killed in-trial trial."""
     import signal
     import subprocess
     import sys
     import time
 
     spec = write_spec(tmp_path / "worker.yaml", name="worker", train={"epochs": 8, "batch_size": 16},
-                      data={"synthetic": {"n": 400, "identities": 40}},
+                      data={"synthetic": {"n": 400, "identities": 40}}, resources={"trainer": trainer},
                       search={"num_samples": 1, "max_failures": 2, "scheduler": {"type": "none"}})
     out = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")
@@ -233,7 +250,7 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
         # may still be uploading, and a restart would then rightly start from scratch)
         progress = list((out / "tune").glob("trial_*/progress.csv"))
         if progress and progress[0].stat().st_size and len(pd.read_csv(progress[0])) >= 1:
-            pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+            pids = subprocess.run(["pgrep", "-f", process], capture_output=True, text=True).stdout.split()
             if pids:
                 killed = int(pids[0])
                 os.kill(killed, signal.SIGKILL)  # the training process dies mid-trial
