@@ -31,7 +31,8 @@ search winner, including its search. Targets printed at the end:
 - P6 the tuned model's train - test accuracy gap <= 10 points.
 
 Finished experiments in --work are reused when the script runs again (an interrupted search
-resumes), so a long benchmark can be continued.
+resumes), so a long benchmark can be continued; `--table-only` prints the table of those finished
+so far, and the targets they can decide, without training anything.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiments go (and are reused from) here")
     parser.add_argument("--smoke", action="store_true",
                         help="synthetic faces, test_efficientnet / test_resnet, 1 epoch, 2 trials, temporary --work")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: print the table of the experiments already finished in --work "
+                             "(a benchmark run in pieces) and the targets they can decide")
     args = parser.parse_args(argv)
 
     from fer_tune.spec import load_spec
@@ -128,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     report_epochs = load_spec(recipe_spec, ["data.source=synthetic"]).train.epochs
     names = {b: b for b in BACKBONES}
     print(machine_header("P4-P6 real faces (benchmarks/real_data.py)"))
+    if args.table_only:
+        finished = {name: read_metrics(args.work / name) for name in experiment_names()
+                    if (args.work / name / "report" / "metrics.json").is_file()}
+        print(f"table only: the experiments finished in {args.work}; nothing trained now\n")
+        summarize(finished, [n for n in SEARCH_NAMES if n in finished], names, args.work, float("nan"), False)
+        return 0
     if args.smoke:
         args.samples, args.epochs, args.grace, args.reduction_factor = 2, 1, 1, 2.0
         names = dict(SMOKE_BACKBONES)
@@ -173,13 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SEARCH_NAMES = ["regularization", "resnet50_fix", *(f"regularization_{b}" for b in BACKBONES)]
+
+
+def experiment_names() -> list[str]:
+    """Every experiment this benchmark can run, in its order."""
+    return [*(f"recipe_{b}" for b in BACKBONES), *SEARCH_NAMES, *(f"{n}_retrained" for n in SEARCH_NAMES)]
+
+
 def summarize(results: dict[str, dict], searches: list[str], names: dict[str, str], work: Path,
               total_wall: float, smoke_run: bool) -> None:
-    """The table and the three target lines."""
+    """The table and the three target lines (a target whose experiments are missing says which)."""
     rows = []
     for name, m in results.items():
         own = epochs_spent(m)
-        search_epochs = epochs_spent(results[name.removesuffix("_retrained")]) if name.endswith("_retrained") else 0
+        search = results.get(name.removesuffix("_retrained"), {}) if name.endswith("_retrained") else {}
+        search_epochs = epochs_spent(search)
         train_acc, test_acc = m.get("train_accuracy"), m.get("expression", {}).get("accuracy")
         gap = f"{100 * (train_acc - test_acc):+.1f} pts" if train_acc is not None and test_acc is not None else "n/a"
         rows.append([name, backbone_of(work / name) if (work / name).exists() else "?",
@@ -190,30 +209,46 @@ def summarize(results: dict[str, dict], searches: list[str], names: dict[str, st
                           "kappa [95 % CI]", "best-epoch train acc", "train - test", "best epoch", "epochs",
                           "epochs incl. search"], rows))
     print()
-    budgets = ", ".join(f"{n} {epochs_spent(results[n])}" for n in searches)
-    print(f"search epochs spent (same trials, cap and ASHA for each): {budgets}")
-    print(f"total wall (this invocation, reused experiments not counted): {total_wall / 60:.1f} min")
+    if searches:
+        budgets = ", ".join(f"{n} {epochs_spent(results[n])}" for n in searches)
+        print(f"search epochs spent (same trials, cap and ASHA for each): {budgets}")
+    if total_wall == total_wall:
+        print(f"total wall (this invocation, reused experiments not counted): {total_wall / 60:.1f} min")
     smoke = " [smoke]" if smoke_run else ""
 
     acc = {name: m.get("expression", {}).get("accuracy", float("nan")) for name, m in results.items()}
-    better_recipe = max(BACKBONES, key=lambda b: acc[f"recipe_{b}"])
     tuned = "regularization_retrained"
-    lift = acc[tuned] - acc[f"recipe_{better_recipe}"]
-    print(f"P4 tuned ({tuned}, {backbone_of(work / tuned)}) - better recipe ({better_recipe}): "
-          f"{acc[tuned]:.3f} - {acc[f'recipe_{better_recipe}']:.3f} = {100 * lift:+.1f} points "
-          f"(target >= +10: {verdict(lift, 0.10 - 1e-9, higher_is_better=True)}){smoke}")
+    recipes = [f"recipe_{b}" for b in BACKBONES]
+    missing = [n for n in [*recipes, tuned] if n not in results]
+    if missing:
+        print(f"P4 tuned vs the better recipe: not measured yet (missing: {', '.join(missing)}){smoke}")
+    else:
+        better_recipe = max(BACKBONES, key=lambda b: acc[f"recipe_{b}"])
+        lift = acc[tuned] - acc[f"recipe_{better_recipe}"]
+        print(f"P4 tuned ({tuned}, {backbone_of(work / tuned)}) - better recipe ({better_recipe}): "
+              f"{acc[tuned]:.3f} - {acc[f'recipe_{better_recipe}']:.3f} = {100 * lift:+.1f} points "
+              f"(target >= +10: {verdict(lift, 0.10 - 1e-9, higher_is_better=True)}){smoke}")
     per_backbone = {}
     for b in BACKBONES:  # the retrained winner with the best val objective, per backbone
         candidates = [n for n in results if n.endswith("_retrained") and backbone_of(work / n) == names[b]]
-        per_backbone[b] = max(candidates, key=lambda n: val_objective(work / n, results[n]))
-    weaker, stronger = sorted(BACKBONES, key=lambda b: acc[per_backbone[b]])
-    share = acc[per_backbone[weaker]] / acc[per_backbone[stronger]]
-    print(f"P5 weaker / stronger backbone after its own search: {weaker} {acc[per_backbone[weaker]]:.3f} "
-          f"({per_backbone[weaker]}) / {stronger} {acc[per_backbone[stronger]]:.3f} ({per_backbone[stronger]}) "
-          f"= {share:.3f} (target >= 0.95: {verdict(share, 0.95, higher_is_better=True)}){smoke}")
-    tuned_gap = (results[tuned].get("train_accuracy") or float("nan")) - acc[tuned]
-    print(f"P6 train - test gap of the tuned model: {100 * tuned_gap:+.1f} points "
-          f"(target <= 10: {verdict(tuned_gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
+        if candidates:
+            per_backbone[b] = max(candidates, key=lambda n: val_objective(work / n, results[n]))
+    if len(per_backbone) < len(BACKBONES):
+        lacking = [b for b in BACKBONES if b not in per_backbone]
+        print(f"P5 weaker / stronger backbone after its own search: not measured yet (no retrained search "
+              f"winner for {', '.join(lacking)}){smoke}")
+    else:
+        weaker, stronger = sorted(BACKBONES, key=lambda b: acc[per_backbone[b]])
+        share = acc[per_backbone[weaker]] / acc[per_backbone[stronger]]
+        print(f"P5 weaker / stronger backbone after its own search: {weaker} {acc[per_backbone[weaker]]:.3f} "
+              f"({per_backbone[weaker]}) / {stronger} {acc[per_backbone[stronger]]:.3f} ({per_backbone[stronger]}) "
+              f"= {share:.3f} (target >= 0.95: {verdict(share, 0.95, higher_is_better=True)}){smoke}")
+    if tuned not in results:
+        print(f"P6 train - test gap of the tuned model: not measured yet (missing: {tuned}){smoke}")
+    else:
+        tuned_gap = (results[tuned].get("train_accuracy") or float("nan")) - acc[tuned]
+        print(f"P6 train - test gap of the tuned model: {100 * tuned_gap:+.1f} points "
+              f"(target <= 10: {verdict(tuned_gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,39 @@ def test_epochs_are_ordered_by_when_they_were_reported(tmp_path):
                       for e, o, t in rows]).to_csv(folder / "progress.csv", index=False)
     timeline = search_efficiency.ray_timeline(tmp_path)
     assert list(zip(timeline["trial"], timeline["epoch"])) == [("aaaa", 1), ("bbbb", 1), ("bbbb", 2), ("aaaa", 2)]
+
+
+def fake_experiment(work, name: str, backbone: str, accuracy: float, train_accuracy: float, val_f1: float,
+                    epochs: int) -> None:
+    import json
+
+    from conftest import write_spec
+
+    (work / name / "report").mkdir(parents=True)
+    write_spec(work / name / "spec.yaml", model={"backbone": backbone, "dropout": 0.1})
+    (work / name / "report" / "metrics.json").write_text(json.dumps({
+        "expression": {"accuracy": accuracy, "f1_macro": accuracy, "kappa": 0.1},
+        "ci95": {"expression": {"accuracy": [accuracy - 0.05, accuracy + 0.05]}},
+        "train_accuracy": train_accuracy, "val": {"expression_f1": val_f1}, "best_epoch": 3, "epochs_run": epochs}))
+
+
+def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
+    import real_data
+
+    fake_experiment(tmp_path, "recipe_efficientnet_b0", "efficientnet_b0", 0.30, 0.70, 0.3, 20)
+    fake_experiment(tmp_path, "recipe_resnet50", "resnet50", 0.40, 0.80, 0.4, 20)
+    assert real_data.main(["--table-only", "--work", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| recipe_resnet50 | resnet50 | 0.400 [0.350, 0.450] |" in printed and "+40.0 pts" in printed
+    assert "P4 tuned vs the better recipe: not measured yet (missing: regularization_retrained)" in printed
+    assert "P6 train - test gap of the tuned model: not measured yet" in printed
+
+    fake_experiment(tmp_path, "regularization_retrained", "efficientnet_b0", 0.52, 0.60, 0.50, 20)
+    fake_experiment(tmp_path, "resnet50_fix_retrained", "resnet50", 0.50, 0.58, 0.48, 20)
+    fake_experiment(tmp_path, "regularization", "efficientnet_b0", 0.51, 0.61, 0.50, 40)
+    assert real_data.main(["--table-only", "--work", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| regularization_retrained | efficientnet_b0 |" in printed and "| 20 | 60 |" in printed  # + its search
+    assert "0.520 - 0.400 = +12.0 points (target >= +10: met)" in printed
+    assert "resnet50 0.500 (resnet50_fix_retrained) / efficientnet_b0 0.520 (regularization_retrained) = 0.962" in printed
+    assert "P6 train - test gap of the tuned model: +8.0 points (target <= 10: met)" in printed
