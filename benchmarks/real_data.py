@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from common import (FER2013, SEARCH_SPACES, REPO, epochs_spent, machine_header, markdown_table, read_metrics,
                     run_cli, smoke_note, usable_cores, verdict)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = {name: read_metrics(args.work / name) for name in experiment_names()
                     if (args.work / name / "report" / "metrics.json").is_file()}
         print(f"table only: the experiments finished in {args.work}; nothing trained now\n")
-        summarize(finished, [n for n in SEARCH_NAMES if n in finished], names, args.work, float("nan"), False)
+        summarize(finished, [n for n in SEARCH_NAMES if n in finished], names, args.work, None, False)
         return 0
     if args.smoke:
         args.samples, args.epochs, args.grace, args.reduction_factor = 2, 1, 1, 2.0
@@ -192,7 +193,7 @@ def experiment_names() -> list[str]:
 
 
 def summarize(results: dict[str, dict], searches: list[str], names: dict[str, str], work: Path,
-              total_wall: float, smoke_run: bool) -> None:
+              total_wall: Optional[float], smoke_run: bool) -> None:
     """The table and the three target lines (a target whose experiments are missing says which)."""
     rows = []
     for name, m in results.items():
@@ -212,7 +213,7 @@ def summarize(results: dict[str, dict], searches: list[str], names: dict[str, st
     if searches:
         budgets = ", ".join(f"{n} {epochs_spent(results[n])}" for n in searches)
         print(f"search epochs spent (same trials, cap and ASHA for each): {budgets}")
-    if total_wall == total_wall:
+    if total_wall is not None:  # None: --table-only, nothing ran now
         print(f"total wall (this invocation, reused experiments not counted): {total_wall / 60:.1f} min")
     smoke = " [smoke]" if smoke_run else ""
 

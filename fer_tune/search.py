@@ -262,29 +262,30 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, da
         )
         result = trainer.fit()
         wait_for_last_report()
-        diverged = (result.metrics or {}).get("diverged")
-        if diverged:
-            from fer_tune.loop import TrainingDiverged
-
-            raise TrainingDiverged(diverged)
+        fail_if_diverged((result.metrics or {}).get("diverged"))
 
     def trial_in_process(config: dict) -> None:
         import ray.tune
         import torch
 
-        diverged = train_and_report(worker_config(trial_spec(spec, config)), rank=0,
-                                    device=torch.device("cuda", 0) if use_gpu else torch.device("cpu"),
-                                    checkpoint=ray.tune.get_checkpoint(), report_to=ray.tune.report,
-                                    checkpoint_from=ray.tune.Checkpoint.from_directory)
-        if diverged:  # Tune retries a failed trial from its last checkpoint, which says it diverged
-            from fer_tune.loop import TrainingDiverged
-
-            raise TrainingDiverged(diverged)
+        # Tune retries a failed trial from its last checkpoint, which says it diverged: it fails again at once.
+        fail_if_diverged(train_and_report(worker_config(trial_spec(spec, config)), rank=0,
+                                          device=torch.device("cuda", 0) if use_gpu else torch.device("cpu"),
+                                          checkpoint=ray.tune.get_checkpoint(), report_to=ray.tune.report,
+                                          checkpoint_from=ray.tune.Checkpoint.from_directory))
 
     if in_trial:
         trial_in_process.__name__ = trial.__name__  # Tune names trials (and their folders) after it
         return trial_in_process
     return trial
+
+
+def fail_if_diverged(why: Optional[str]) -> None:
+    """Fail the trial (it stays errored) when its training diverged."""
+    if why:
+        from fer_tune.loop import TrainingDiverged
+
+        raise TrainingDiverged(why)
 
 
 def trains_in_trial(spec: Spec, joined: bool) -> bool:
@@ -608,7 +609,7 @@ def last_result(result) -> dict:
 
 
 def newest_local_state(last: dict) -> Optional[dict]:
-    """The newest checkpoint of a trial's Train run, when it is local (else None).
+    """The newest checkpoint of a trial (its Train run's, or in-trial Tune's), when local (else None).
 
     A resumed trial's final epochs can be checkpointed by Ray Train yet never reach Tune (seen:
     Tune's record of a resumed trial ends at epoch 6 of 8). The checkpoint keeps every epoch's
