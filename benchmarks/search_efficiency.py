@@ -3,6 +3,7 @@
     python benchmarks/search_efficiency.py --smoke        # wiring check (a few minutes); numbers mean nothing
     python benchmarks/search_efficiency.py                # quickstart space, 16 trials, 10 epochs, seeds 0 1 2
     python benchmarks/search_efficiency.py --trials 32 --epochs 20 --seeds 0 1 2 3 4
+    python benchmarks/search_efficiency.py --grace 3 --random-from runs/benchmarks/p3 --work runs/benchmarks/p3_grace3
 
 On the quickstart's synthetic faces and space (`--spec`), with `train.early_stop_patience: null`,
 the same trial count (`--trials`) and epoch cap (`--epochs`), for each seed:
@@ -120,15 +121,45 @@ def outcome(timeline: pd.DataFrame, target: float) -> Outcome:
 
 # --- the three methods -------------------------------------------------------------------------------
 
+def ray_sets(method: str, seed: int, args) -> list[str]:
+    return [f"search.searcher.type={'random' if method == 'random' else 'optuna'}",
+            f"search.searcher.seed={seed}",
+            f"search.scheduler.type={'none' if method == 'random' else 'asha'}",
+            f"search.scheduler.grace_period={args.grace}",
+            f"search.scheduler.reduction_factor={args.reduction_factor:g}"]
+
+
 def run_ray(method: str, spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
-    sets = ([f"search.searcher.type={'random' if method == 'random' else 'optuna'}",
-             f"search.searcher.seed={seed}",
-             f"search.scheduler.type={'none' if method == 'random' else 'asha'}"]
-            + [f"search.scheduler.grace_period={args.grace}",
-               f"search.scheduler.reduction_factor={args.reduction_factor:g}"])
     shutil.rmtree(out, ignore_errors=True)
-    run_cli(["run", spec_file, "--out", out, *[a for s in sets for a in ("--set", s)]], out.with_suffix(".log"))
+    run_cli(["run", spec_file, "--out", out, *[a for s in ray_sets(method, seed, args) for a in ("--set", s)]],
+            out.with_suffix(".log"))
     return ray_timeline(out)
+
+
+def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFrame:
+    """The finished random search of `seed` under `source` (an earlier `--work`), if it ran this spec.
+
+    Random search runs every trial to the cap without a scheduler, so ASHA's grace period and
+    reduction factor are the only fields allowed to differ: a rerun with another `--grace` can
+    reuse the 16 x cap epochs of random search instead of paying them again.
+    """
+    from fer_tune.errors import UserError
+    from fer_tune.spec import describe_differences, load_spec
+
+    folder = source / f"seed{seed}" / "random"
+    if not (folder / "report" / "metrics.json").is_file():
+        raise SystemExit(f"--random-from: {folder} holds no finished random search (no report/metrics.json)")
+    try:
+        before = load_spec(folder / "spec.yaml").model_dump(mode="json")
+    except UserError as err:
+        raise SystemExit(f"--random-from: {err}") from None
+    now = load_spec(spec_file, ray_sets("random", seed, args)).model_dump(mode="json")
+    for spec in (before, now):
+        spec["search"]["scheduler"] = None
+    differences = describe_differences(before, now, "it ran", "this run has")
+    if differences:
+        raise SystemExit(f"--random-from: {folder} ran a different search ({'; '.join(differences[:3])})")
+    return ray_timeline(folder)
 
 
 def run_optuna(spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
@@ -197,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="resources.cpus_per_worker (default 1)")
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="random is always run: it sets the target")
+                        help="random always sets the target: run, or reused with --random-from")
     parser.add_argument("--work", type=Path, help="keep the experiments here (default: a temporary folder)")
+    parser.add_argument("--random-from", type=Path, metavar="WORK",
+                        help="reuse the finished random searches of an earlier --work (same spec, trials, cap and "
+                             "seeds; ASHA settings may differ) instead of running them again")
     parser.add_argument("--smoke", action="store_true", help="tiny data, 3 trials, 2 epochs, one seed")
     args = parser.parse_args(argv)
     extra = list(args.set)
@@ -219,18 +253,23 @@ def main(argv: list[str] | None = None) -> int:
         from fer_tune.spec import load_spec
 
         spec = load_spec(spec_file)
+        reuse = f"; random search reused from {args.random_from}" if args.random_from else ""
         print(smoke_note(args.smoke) + f"space of {args.spec.name} ({len(spec.space)} parameters) on "
               f"{spec.data.source} data at {spec.data.image_size} px; {args.trials} trials, cap "
               f"{spec.train.epochs} epochs; ASHA grace {args.grace}, reduction factor "
               f"{args.reduction_factor:g}; {args.cpus_per_trial:g} CPU per trial; "
-              f"seeds {' '.join(map(str, args.seeds))}; tolerance {args.tolerance}\n", flush=True)
+              f"seeds {' '.join(map(str, args.seeds))}; tolerance {args.tolerance}{reuse}\n", flush=True)
         for seed in args.seeds:
             timelines = {}
             for method in methods:
                 out = work / f"seed{seed}" / method
                 started = time.perf_counter()
-                timelines[method] = (run_optuna(spec_file, seed, out, args) if method == "optuna"
-                                     else run_ray(method, spec_file, seed, out, args))
+                if method == "random" and args.random_from:
+                    timelines[method] = reused_random(spec_file, seed, args.random_from, args)
+                elif method == "optuna":
+                    timelines[method] = run_optuna(spec_file, seed, out, args)
+                else:
+                    timelines[method] = run_ray(method, spec_file, seed, out, args)
                 print(f"seed {seed} {method}: {len(timelines[method])} epochs in "
                       f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
                 if not args.work:

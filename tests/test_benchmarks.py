@@ -93,3 +93,32 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
     assert "0.520 - 0.400 = +12.0 points (target >= +10: met)" in printed
     assert "resnet50 0.500 (resnet50_fix_retrained) / efficientnet_b0 0.520 (regularization_retrained) = 0.962" in printed
     assert "P6 train - test gap of the tuned model: +8.0 points (target <= 10: met)" in printed
+
+
+def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_same_search(tmp_path):
+    """`--random-from`: random search ignores ASHA's settings, so they alone may differ."""
+    import argparse
+
+    import pytest
+
+    from fer_tune.spec import load_spec
+
+    spec_file = REPO / "search_spaces" / "quickstart.yaml"
+    earlier, later = argparse.Namespace(grace=1, reduction_factor=3.0), argparse.Namespace(grace=3, reduction_factor=2.0)
+    folder = tmp_path / "seed0" / "random"
+    (folder / "report").mkdir(parents=True)
+    (folder / "spec.yaml").write_text(load_spec(spec_file, search_efficiency.ray_sets("random", 0, earlier)).to_yaml())
+    write_progress(folder / "tune", "aaaa", [(1, 0.25, "05.100000"), (2, 0.5, "05.200000")])
+    with pytest.raises(SystemExit, match="holds no finished random search"):
+        search_efficiency.reused_random(spec_file, 0, tmp_path, later)
+
+    (folder / "report" / "metrics.json").write_text("{}")
+    timeline = search_efficiency.reused_random(spec_file, 0, tmp_path, later)
+    assert list(timeline["objective"]) == [0.25, 0.5]
+    (tmp_path / "seed1").symlink_to(tmp_path / "seed0")  # seed 0's search where seed 1's should be
+    with pytest.raises(SystemExit, match=r"ran a different search \(search.searcher.seed: it ran 0, this run has 1\)"):
+        search_efficiency.reused_random(spec_file, 1, tmp_path, later)
+    shorter = tmp_path / "shorter.yaml"
+    shorter.write_text(load_spec(spec_file, ["train.epochs=5"]).to_yaml())
+    with pytest.raises(SystemExit, match=r"train.epochs: it ran 10, this run has 5"):
+        search_efficiency.reused_random(shorter, 0, tmp_path, later)
