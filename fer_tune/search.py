@@ -20,6 +20,7 @@ own checkpoints and resumes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -36,10 +37,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_text
-from fer_tune.spec import ResourcesSpec, Spec, SpaceEntry, describe_differences, load_spec
+from fer_tune.spec import ResourcesSpec, SearchSpec, Spec, SpaceEntry, describe_differences, load_spec
 from fer_tune.tensorboard import log_epoch, scalar_tag
 
 if TYPE_CHECKING:
+    import optuna
+
     from fer_tune.data.prepare import PreparedData
 
 # Deliberately light at import: every trial's Tune actor and Train controller import this module
@@ -409,8 +412,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
     storage = str(out)
 
-    sampler = (optuna.samplers.RandomSampler(seed=spec.search.searcher.seed) if spec.search.searcher.type == "random"
-               else optuna.samplers.TPESampler(seed=spec.search.searcher.seed))
+    sampler = make_sampler(spec.search)
     storage_url = f"sqlite:///{out / 'optuna.db'}"
     searcher = StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=sampler,
                             study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
@@ -809,6 +811,22 @@ def check_storage(location: str) -> None:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         hint = "check the URI and this machine's cloud credentials" if "://" in location else "choose another path"
         raise UserError(f"search.storage: cannot write to {location} ({reason}); {hint}") from None
+
+
+def make_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler `search.searcher` names; says so when TPE would never get past its random start."""
+    import optuna
+
+    searcher = search.searcher
+    if searcher.type == "random":
+        return optuna.samplers.RandomSampler(seed=searcher.seed)
+    startup = searcher.startup_trials or inspect.signature(optuna.samplers.TPESampler).parameters[
+        "n_startup_trials"].default
+    if search.num_samples <= startup:
+        print(f"note: TPE draws its first {startup} trials at random, so this search's {search.num_samples} "
+              f"are all random draws; search.searcher.startup_trials below {search.num_samples} lets TPE "
+              f"choose the rest")
+    return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup)
 
 
 def _note_multi_node_storage(location: str) -> None:

@@ -213,6 +213,8 @@ class ResourcesSpec(Strict):
 class SearcherSpec(Strict):
     type: Literal["optuna", "random"] = "optuna"
     seed: int = 0
+    startup_trials: Optional[int] = Field(
+        None, ge=1, description="trials TPE draws at random before it models the rest; default Optuna's (10)")
 
 
 class SchedulerSpec(Strict):

@@ -41,6 +41,28 @@ def test_conditional_space_samples_only_matching_entries(tmp_path):
     assert seen == {"resnet10t", "mobilenetv3_small_050"}
 
 
+def test_tpe_models_after_its_startup_trials_and_a_search_too_short_for_it_is_told(tmp_path, capsys):
+    import optuna
+
+    from fer_tune.search import make_sampler
+
+    def draws(**searcher) -> list[float]:
+        spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 8, "searcher": searcher}))
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(spec.search))
+        for _ in range(6):
+            trial = study.ask()
+            study.tell(trial, trial.suggest_float("x", 0.0, 1.0))
+        return [t.params["x"] for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    default, early = draws(seed=3), draws(seed=3, startup_trials=3)
+    assert "TPE draws its first 10 trials at random, so this search's 8 are all random draws" in capsys.readouterr().out
+    assert early[:3] == default[:3]  # the same seeded random start
+    assert early[3:] != default[3:]  # then TPE, where the default is still drawing at random
+    draws(seed=3, startup_trials=7), draws(type="random")
+    assert "TPE draws" not in capsys.readouterr().out
+
+
 def test_one_worker_trials_train_in_their_tune_process_only_on_a_ray_fer_tune_starts(tmp_path):
     from fer_tune.search import trains_in_trial
 

@@ -41,6 +41,7 @@ def test_overrides_are_typed_and_fix_searched_fields(tiny_spec):
     ("data.source=imagenet", "data.source: Input should be 'synthetic', 'affectnet'"),
     ("data.split.val=2.5", "data.split.val: must be a count"),
     ("search.objective={accuracy: 1}", "unknown metric 'accuracy'; allowed: expression_accuracy"),
+    ("search.searcher.startup_trials=0", "search.searcher.startup_trials: Input should be greater than or equal to 1"),
     ("space.train.lr={loguniform: [0, 0.1]}", "space.train.lr: loguniform with a log scale needs bounds > 0"),
     ("space.train.lr={uniform: [0.1, 0.01]}", "uniform low 0.1 > high 0.01"),
     ("space.model.backbone={choice: []}", "choice needs at least one value"),
