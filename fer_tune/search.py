@@ -37,7 +37,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_text
-from fer_tune.spec import ResourcesSpec, SearchSpec, Spec, SpaceEntry, describe_differences, load_spec
+from fer_tune.spec import ResourcesSpec, Spec, SpaceEntry, describe_differences, load_spec
 from fer_tune.tensorboard import log_epoch, scalar_tag
 
 if TYPE_CHECKING:
@@ -412,7 +412,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
     storage = str(out)
 
-    sampler = make_sampler(spec.search)
+    sampler = make_sampler(spec)
     storage_url = f"sqlite:///{out / 'optuna.db'}"
     searcher = StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=sampler,
                             study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
@@ -813,16 +813,16 @@ def check_storage(location: str) -> None:
         raise UserError(f"search.storage: cannot write to {location} ({reason}); {hint}") from None
 
 
-def make_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler `search.searcher` names; says so when TPE would never get past its random start."""
     import optuna
 
-    searcher = search.searcher
+    search, searcher = spec.search, spec.search.searcher
     if searcher.type == "random":
         return optuna.samplers.RandomSampler(seed=searcher.seed)
     startup = searcher.startup_trials or inspect.signature(optuna.samplers.TPESampler).parameters[
         "n_startup_trials"].default
-    if search.num_samples <= startup:
+    if spec.space and search.num_samples <= startup:
         print(f"note: TPE draws its first {startup} trials at random, so this search's {search.num_samples} "
               f"are all random draws; search.searcher.startup_trials below {search.num_samples} lets TPE "
               f"choose the rest")

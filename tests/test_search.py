@@ -46,9 +46,10 @@ def test_tpe_models_after_its_startup_trials_and_a_search_too_short_for_it_is_to
 
     from fer_tune.search import make_sampler
 
-    def draws(**searcher) -> list[float]:
-        spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 8, "searcher": searcher}))
-        study = optuna.create_study(direction="maximize", sampler=make_sampler(spec.search))
+    def draws(space=True, **searcher) -> list[float]:
+        spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 8, "searcher": searcher},
+                                    space={"model.dropout": {"uniform": [0.0, 0.5]}} if space else {}))
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
         for _ in range(6):
             trial = study.ask()
             study.tell(trial, trial.suggest_float("x", 0.0, 1.0))
@@ -59,7 +60,7 @@ def test_tpe_models_after_its_startup_trials_and_a_search_too_short_for_it_is_to
     assert "TPE draws its first 10 trials at random, so this search's 8 are all random draws" in capsys.readouterr().out
     assert early[:3] == default[:3]  # the same seeded random start
     assert early[3:] != default[3:]  # then TPE, where the default is still drawing at random
-    draws(seed=3, startup_trials=7), draws(type="random")
+    draws(seed=3, startup_trials=7), draws(type="random"), draws(space=False)  # nothing to sample: nothing to say
     assert "TPE draws" not in capsys.readouterr().out
 
 
