@@ -13,7 +13,7 @@ the same trial count (`--trials`) and epoch cap (`--epochs`), for each seed:
 - ASHA + TPE: `fer-tune run` with `searcher.type=optuna` (TPESampler) and `scheduler.type=asha`,
   grace period `--grace` (default 1: the first rung is the first epoch) and reduction factor
   `--reduction-factor` (default 3, ASHA's usual one and that of the project's real-data specs);
-- Optuna alone: a plain Optuna study in this process (TPESampler with the same seed, Optuna's
+- Optuna alone: a plain Optuna study in this process (the search's TPESampler: same seed and startup trials; Optuna's
   MedianPruner with n_warmup_steps = the grace period and n_startup_trials = 5), whose objective
   calls `fer_tune.loop.fit()` directly — the one training loop — with a report callback that
   calls trial.report(best val objective so far, epoch) and raises optuna.TrialPruned when
@@ -139,9 +139,10 @@ def run_ray(method: str, spec_file: Path, seed: int, out: Path, args) -> pd.Data
 def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFrame:
     """The finished random search of `seed` under `source` (an earlier `--work`), if it ran this spec.
 
-    Random search runs every trial to the cap without a scheduler, so ASHA's grace period and
-    reduction factor are the only fields allowed to differ: a rerun with another `--grace` can
-    reuse the 16 x cap epochs of random search instead of paying them again.
+    Random search runs every trial to the cap without a scheduler and never uses TPE's startup
+    count, so ASHA's settings and `search.searcher.startup_trials` are the only fields allowed to
+    differ: a rerun with another `--grace` can reuse the 16 x cap epochs of random search instead
+    of paying them again.
     """
     from fer_tune.errors import UserError
     from fer_tune.spec import describe_differences, load_spec
@@ -155,7 +156,7 @@ def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFram
         raise SystemExit(f"--random-from: {err}") from None
     now = load_spec(spec_file, ray_sets("random", seed, args)).model_dump(mode="json")
     for spec in (before, now):
-        spec["search"]["scheduler"] = None
+        spec["search"]["scheduler"] = spec["search"]["searcher"]["startup_trials"] = None
     differences = describe_differences(before, now, "it ran", "this run has")
     if differences:
         raise SystemExit(f"--random-from: {folder} ran a different search ({'; '.join(differences[:3])})")
@@ -167,16 +168,16 @@ def run_optuna(spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
 
     from fer_tune.data.prepare import prepare_data
     from fer_tune.loop import fit
-    from fer_tune.search import SpaceSampler, trial_spec
+    from fer_tune.search import SpaceSampler, make_sampler, trial_spec
     from fer_tune.spec import load_spec
     from fer_tune.train import choose_device
 
-    spec = load_spec(spec_file)
+    spec = load_spec(spec_file, ["search.searcher.type=optuna", f"search.searcher.seed={seed}"])
     shutil.rmtree(out, ignore_errors=True)
     prepared = prepare_data(spec.data, out)
     train, val = prepared.load("train", progress=False), prepared.load("val", progress=False)
     device = choose_device(spec.resources.use_gpu)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(spec),  # the search's TPE
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=args.grace),
                                 storage=f"sqlite:///{out / 'optuna.db'}", study_name=spec.name)
     sample = SpaceSampler(spec)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep the experiments here (default: a temporary folder)")
     parser.add_argument("--random-from", type=Path, metavar="WORK",
                         help="reuse the finished random searches of an earlier --work (same spec, trials, cap and "
-                             "seeds; ASHA settings may differ) instead of running them again")
+                             "seeds; ASHA settings and TPE's startup_trials may differ) instead of running them again")
     parser.add_argument("--smoke", action="store_true", help="tiny data, 3 trials, 2 epochs, one seed")
     args = parser.parse_args(argv)
     extra = list(args.set)

@@ -96,7 +96,7 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
 
 
 def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_same_search(tmp_path):
-    """`--random-from`: random search ignores ASHA's settings, so they alone may differ."""
+    """`--random-from`: random search ignores ASHA's settings and TPE's start, so they alone may differ."""
     import argparse
 
     import pytest
@@ -107,7 +107,8 @@ def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_sa
     earlier, later = argparse.Namespace(grace=1, reduction_factor=3.0), argparse.Namespace(grace=3, reduction_factor=2.0)
     folder = tmp_path / "seed0" / "random"
     (folder / "report").mkdir(parents=True)
-    (folder / "spec.yaml").write_text(load_spec(spec_file, search_efficiency.ray_sets("random", 0, earlier)).to_yaml())
+    (folder / "spec.yaml").write_text(load_spec(spec_file, [*search_efficiency.ray_sets("random", 0, earlier),
+                                                            "search.searcher.startup_trials=10"]).to_yaml())
     write_progress(folder / "tune", "aaaa", [(1, 0.25, "05.100000"), (2, 0.5, "05.200000")])
     with pytest.raises(SystemExit, match="holds no finished random search"):
         search_efficiency.reused_random(spec_file, 0, tmp_path, later)
