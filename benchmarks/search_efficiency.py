@@ -13,8 +13,9 @@ the same trial count (`--trials`) and epoch cap (`--epochs`), for each seed:
 - ASHA + TPE: `fer-tune run` with `searcher.type=optuna` (TPESampler) and `scheduler.type=asha`,
   grace period `--grace` (default 1: the first rung is the first epoch) and reduction factor
   `--reduction-factor` (default 3, ASHA's usual one and that of the project's real-data specs);
-- Optuna alone: a plain Optuna study in this process (the search's TPESampler: same seed and startup trials; Optuna's
-  MedianPruner with n_warmup_steps = the grace period and n_startup_trials = 5), whose objective
+- Optuna alone: a plain Optuna study in this process (the search's TPESampler: same seed and
+  startup trials; Optuna's MedianPruner with n_warmup_steps = the grace period and
+  n_startup_trials = 5), whose objective
   calls `fer_tune.loop.fit()` directly — the one training loop — with a report callback that
   calls trial.report(best val objective so far, epoch) and raises optuna.TrialPruned when
   trial.should_prune(). The space is sampled by fer-tune's own `SpaceSampler` and applied with
