@@ -126,6 +126,7 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
         started = time.perf_counter()
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        seed_epoch(t.seed, rank, epoch, sampler, train_set.augment)
 
         # --- train one epoch ---------------------------------------------------------------
         net.train()
@@ -344,6 +345,22 @@ def validation_loss(preds: dict, targets: dict, loss_spec, labels) -> float:
     tensors = {k: torch.tensor(v) for k, v in targets.items()}
     loss, _ = multitask_loss(outputs, tensors, loss_spec)
     return loss.item()
+
+
+def seed_epoch(seed: int, rank: int, epoch: int, sampler, augment) -> None:
+    """Reseed every draw an epoch makes (shuffle, augmentation, dropout, mixup) from (seed, rank, epoch).
+
+    Then a run resumed after any epoch trains exactly as one that never stopped: a search trial
+    Tune restarted and the same config retrained give the same model. Loader worker processes
+    (`data.loader_workers` > 0) keep their own augmentation streams, so there it holds only for
+    the shuffle, dropout and mixup.
+    """
+    epoch_seed = int(np.random.SeedSequence([seed % 2**32, rank, epoch]).generate_state(1)[0])
+    seed_everything(epoch_seed)
+    if isinstance(sampler, RandomSampler):
+        sampler.generator.manual_seed(epoch_seed)
+    if augment is not None:
+        augment.set_random_seed(epoch_seed)
 
 
 def seed_everything(seed: int) -> None:

@@ -320,3 +320,33 @@ def test_resume_keeps_ema_and_uncertainty_state(tmp_path):
     best = second["best_epoch"]
     best_ema = (first if best == 1 else second)["ema"]
     assert all(torch.equal(second["best_model"][k], best_ema[k]) for k in best_ema)  # the EMA is what is kept
+
+
+def test_a_run_resumed_after_any_epoch_trains_exactly_as_one_that_never_stopped(tmp_path):
+    """Shuffle, augmentation, dropout and mixup draw from (seed, epoch): a restarted trial is the same run."""
+    from fer_tune.data.prepare import prepare_data
+
+    spec = validate_spec({"name": "exact", "data": {"source": "synthetic", "image_size": 32,
+                                                    "synthetic": {"n": 160, "identities": 40},
+                                                    "split": {"val": 24, "test": 8}},
+                          "model": {"backbone": "test_resnet", "dropout": 0.3},
+                          "augment": {"strength": 0.8},
+                          "train": {"epochs": 3, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0,
+                                    "mixup_alpha": 0.4}})
+    prepared = prepare_data(spec.data, tmp_path)
+    train, val = prepared.load("train", False), prepared.load("val", False)
+    checkpoints = {}
+
+    def report(metrics, checkpoint):
+        save_torch(tmp_path / f"epoch{metrics['epoch']}.pt", checkpoint)
+        checkpoints[metrics["epoch"]] = metrics
+
+    never_stopped = fit(spec, train, val, prepared.labels, report)
+    last = load_torch(tmp_path / "epoch3.pt")
+    resumed = fit(spec, train, val, prepared.labels, report, resume=load_torch(tmp_path / "epoch1.pt"))
+    assert checkpoints[3]["resumed_from_epoch"] == 1
+    for before, after in zip(never_stopped.history[1:], resumed.history[1:]):
+        assert after["epoch"] == before["epoch"] and after["train_loss"] == before["train_loss"]
+        assert after["objective"] == before["objective"]
+    again = load_torch(tmp_path / "epoch3.pt")
+    assert all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
