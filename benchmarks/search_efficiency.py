@@ -143,7 +143,8 @@ def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFram
     Random search runs every trial to the cap without a scheduler and never uses TPE's startup
     count, so ASHA's settings and `search.searcher.startup_trials` are the only fields allowed to
     differ: a rerun with another `--grace` can reuse the 16 x cap epochs of random search instead
-    of paying them again.
+    of paying them again. The spec is all it checks: reuse runs made by the same fer-tune, since
+    a change to the training loop changes what random search finds.
     """
     from fer_tune.errors import UserError
     from fer_tune.spec import describe_differences, load_spec
