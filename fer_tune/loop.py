@@ -89,13 +89,13 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
 
         teacher = load_teacher(spec.distill.teacher, device)
     per_rank_batch = max(1, t.batch_size // world)
-    train_set = FaceDataset(train_split, build_augment(spec.augment.strength, spec.data.image_size,
-                                                       seed=t.seed * 1000 + rank))
+    # The shuffle's generator and the augmentation are seeded by seed_epoch at every epoch.
+    train_set = FaceDataset(train_split, build_augment(spec.augment.strength, spec.data.image_size))
     if t.sampler == "class_balanced":
         sampler = ClassBalancedSampler(train_set.expression, world, rank, seed=t.seed)
     else:
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=t.seed) if distributed \
-            else RandomSampler(train_set, generator=torch.Generator().manual_seed(t.seed))
+            else RandomSampler(train_set, generator=torch.Generator())
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,
                         drop_last=len(train_set) // world > per_rank_batch,
                         num_workers=spec.data.loader_workers, persistent_workers=spec.data.loader_workers > 0,
