@@ -12,7 +12,7 @@ valence/arousal CCC, with a 95 % t-interval over the seeds. The verdict reads th
 intervals: "helped" when one lies above zero and none below, "hurt" the reverse, "mixed" when
 both happen, otherwise "no clear effect" (with 3 seeds, only large effects clear the bar).
 
-Training is `fer_tune.loop.fit` and testing `fer_tune.train.evaluate_on_test` — the same code as
+Training is `fer_tune.engine.loop.fit` and testing `fer_tune.engine.evaluate.evaluate_on_test` — the same code as
 `fer-tune train` — on data prepared once per dataset. Finished runs are kept in --work
 (metrics.json per run) and skipped when the script is run again, so a long ablation resumes.
 """
@@ -30,9 +30,11 @@ import numpy as np
 from scipy import stats
 
 from fer_tune.data.prepare import prepare_data
-from fer_tune.loop import fit
-from fer_tune.spec import Spec, load_spec, parse_override
-from fer_tune.train import choose_device, evaluate_on_test
+from fer_tune.engine.loop import fit
+from fer_tune.spec import Spec, parse_override
+from fer_tune.specfile import load_spec
+from fer_tune.engine.device import choose_device
+from fer_tune.engine.evaluate import evaluate_on_test
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -100,7 +100,7 @@ def write_spec(base: Path, overrides: Iterable[str], path: Path, drop_space: boo
     Both arms of a comparison then read the very same file. `drop_space` removes the search
     space (a fixed config).
     """
-    from fer_tune.spec import load_spec
+    from fer_tune.specfile import load_spec
 
     spec = load_spec(base, list(overrides))
     if drop_space:

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = {(arm, n): write_spec(args.spec, [*base, *ARMS[arm][1], f"train.epochs={n}"],
                                       work / f"spec_{arm.replace('/', '_')}_{n}ep.yaml", drop_space=True)
                  for arm in ARMS for n in epochs}
-        from fer_tune.spec import load_spec
+        from fer_tune.specfile import load_spec
 
         spec = load_spec(specs[("train", args.epochs)])
         print(smoke_note(args.smoke) + f"one config, {spec.model.backbone} at {spec.data.image_size} px on "

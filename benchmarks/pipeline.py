@@ -4,7 +4,7 @@
     python benchmarks/pipeline.py                # efficientnet_b0, resnet18 at 48 and 96 px, 5 repeats
     python benchmarks/pipeline.py --loader-workers 0 2 --repeats 7
 
-Both arms run `fer_tune.loop.fit` itself — the one training loop, not a copy of its step — for
+Both arms run `fer_tune.engine.loop.fit` itself — the one training loop, not a copy of its step — for
 one epoch of `--warmup + --steps` batches, with the recipe of search_spaces/report_baseline.yaml
 (batch size, optimizer, constant lr, augmentation strength) and `resources.cpus_per_worker =
 --threads`; only the model, the resolution and the data differ between configurations:
@@ -13,7 +13,7 @@ one epoch of `--warmup + --steps` batches, with the recipe of search_spaces/repo
   `fer_tune.data.prepare` from the synthetic faces, memory-mapped) -> `FaceDataset` +
   `build_augment` -> torch DataLoader (`data.loader_workers` processes) -> the step.
 - bare: the same fit() call with the DataLoader that fit builds replaced (for this call only,
-  by patching `fer_tune.loop.DataLoader`) by a list of that loader's own batches, drawn before
+  by patching `fer_tune.engine.loop.DataLoader`) by a list of that loader's own batches, drawn before
   the epoch starts and already on the training device: the step on tensors already in memory.
 
 fit() calls `progress` after every step; the clock starts after the `--warmup` steps and stops
@@ -59,7 +59,7 @@ class StepClock:
 def batches_in_memory(device, drawn: dict):
     """Inside this block, fit()'s DataLoader is replaced by the list of its own batches, drawn up
     front and moved to `device`; `drawn["seconds"]`/`drawn["images"]` say how long drawing took."""
-    import fer_tune.loop as loop
+    import fer_tune.engine.loop as loop
 
     real = loop.DataLoader
 
@@ -86,7 +86,7 @@ def batches_in_memory(device, drawn: dict):
 def prepare(size: int, args, work: Path):
     """The synthetic faces at `size` px through fer-tune's own split + uint8 cache."""
     from fer_tune.data.prepare import prepare_data
-    from fer_tune.spec import load_spec
+    from fer_tune.specfile import load_spec
 
     val = 16  # counts; the val split is only fit()'s after-epoch validation, which is not timed
     n = args.batch_size * (args.warmup + args.steps) + 2 * val + 8
@@ -101,9 +101,9 @@ def measure(arm: str, backbone: str, size: int, workers: int, data, args) -> tup
     """(images/s of the timed steps, images/s of drawing the batches or nan) for one fit() epoch."""
     import torch
 
-    from fer_tune.loop import fit
-    from fer_tune.spec import load_spec
-    from fer_tune.train import choose_device
+    from fer_tune.engine.loop import fit
+    from fer_tune.specfile import load_spec
+    from fer_tune.engine.device import choose_device
 
     prepared, train, val = data
     steps = len(train) // args.batch_size
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--warmup, --steps and --repeats must each be >= 1")
 
-    from fer_tune.spec import load_spec
+    from fer_tune.specfile import load_spec
 
     recipe = load_spec(SEARCH_SPACES / "report_baseline.yaml", ["data.source=synthetic"])
     if args.smoke:

@@ -87,14 +87,14 @@ class Bench:
 
 
 def backbone_of(experiment: Path) -> str:
-    from fer_tune.spec import load_spec
+    from fer_tune.specfile import load_spec
 
     best = experiment / "best" / "config.yaml"
     return load_spec(best if best.is_file() else experiment / "spec.yaml").model.backbone
 
 
 def val_objective(experiment: Path, metrics: dict) -> float:
-    from fer_tune.spec import load_spec
+    from fer_tune.specfile import load_spec
 
     return load_spec(experiment / "spec.yaml").search.score(metrics.get("val", {}))
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(a benchmark run in pieces) and the targets they can decide")
     args = parser.parse_args(argv)
 
-    from fer_tune.spec import load_spec
+    from fer_tune.specfile import load_spec
 
     recipe_spec = SEARCH_SPACES / "report_baseline.yaml"
     report_epochs = load_spec(recipe_spec, ["data.source=synthetic"]).train.epochs

@@ -16,7 +16,7 @@ the same trial count (`--trials`) and epoch cap (`--epochs`), for each seed:
 - Optuna alone: a plain Optuna study in this process (the search's TPESampler: same seed and
   startup trials; Optuna's MedianPruner with n_warmup_steps = the grace period and
   n_startup_trials = 5), whose objective
-  calls `fer_tune.loop.fit()` directly — the one training loop — with a report callback that
+  calls `fer_tune.engine.loop.fit()` directly — the one training loop — with a report callback that
   calls trial.report(best val objective so far, epoch) and raises optuna.TrialPruned when
   trial.should_prune(). The space is sampled by fer-tune's own `SpaceSampler` and applied with
   `trial_spec`, exactly as in a search. Trials run one after another.
@@ -147,7 +147,8 @@ def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFram
     a change to the training loop changes what random search finds.
     """
     from fer_tune.errors import UserError
-    from fer_tune.spec import describe_differences, load_spec
+    from fer_tune.spec import describe_differences
+    from fer_tune.specfile import load_spec
 
     folder = source / f"seed{seed}" / "random"
     if not (folder / "report" / "metrics.json").is_file():
@@ -169,10 +170,10 @@ def run_optuna(spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
     import optuna
 
     from fer_tune.data.prepare import prepare_data
-    from fer_tune.loop import fit
-    from fer_tune.search import SpaceSampler, make_sampler, trial_spec
-    from fer_tune.spec import load_spec
-    from fer_tune.train import choose_device
+    from fer_tune.engine.loop import fit
+    from fer_tune.search.space import SpaceSampler, make_sampler, trial_spec
+    from fer_tune.specfile import load_spec
+    from fer_tune.engine.device import choose_device
 
     spec = load_spec(spec_file, ["search.searcher.type=optuna", f"search.searcher.seed={seed}"])
     shutil.rmtree(out, ignore_errors=True)
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                                            f"resources.cpus_per_worker={args.cpus_per_trial:g}",
                                            *([f"train.epochs={args.epochs}"] if args.epochs else []), *extra],
                                work / "spec.yaml")
-        from fer_tune.spec import load_spec
+        from fer_tune.specfile import load_spec
 
         spec = load_spec(spec_file)
         reuse = f"; random search reused from {args.random_from}" if args.random_from else ""

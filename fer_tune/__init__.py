@@ -6,3 +6,6 @@ EXPRESSIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger"
 """AffectNet's 8 expression classes, in AffectNet's id order."""
 
 NUM_EXPRESSIONS = len(EXPRESSIONS)
+
+TASKS = ("expression", "valence", "arousal")
+"""The network's three heads, in the order every table, loss and metric uses."""

@@ -1,7 +1,8 @@
 """The `fer-tune` command.
 
 Every `UserError` becomes one line on stderr and exit status 2; nothing the user typed wrong
-ever shows a traceback.
+ever shows a traceback. Each command's module is imported when that command runs: `fer-tune
+report` never pays for importing Ray, nor `fer-tune predict` for the search.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fer_tune.errors import SearchInterrupted, UserError
+from fer_tune.io import atomic_write_text, check_writable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    from fer_tune.search import run_search
-    from fer_tune.spec import load_spec
+    from fer_tune.search.run import run_search
+    from fer_tune.specfile import load_spec
 
     storage = [f"search.storage={args.storage}"] if args.storage is not None else []
     spec = load_spec(args.spec, [*args.set, *storage])
@@ -121,21 +123,21 @@ def _run(args) -> None:
 
 
 def _train(args) -> None:
-    from fer_tune.spec import load_spec
-    from fer_tune.train import train_experiment
+    from fer_tune.commands.train import train_experiment
+    from fer_tune.specfile import load_spec
 
     spec = load_spec(args.spec, args.set)
     train_experiment(spec, args.out or Path("runs") / spec.name)
 
 
 def _distill(args) -> None:
-    from fer_tune.distill import distill
+    from fer_tune.commands.distill import distill
 
     distill(args.teacher, args.spec, args.set, args.out, resume=args.resume, address=args.address)
 
 
 def _evaluate(args) -> None:
-    from fer_tune.train import evaluate_model
+    from fer_tune.commands.evaluate import evaluate_model
 
     evaluate_model(args.model, args.set, args.out)
 
@@ -152,15 +154,12 @@ def _report(args) -> None:
     table = compare_experiments(args.experiments)
     print(table, end="")
     if args.out:
-        from fer_tune.io import atomic_write_text
-
         atomic_write_text(args.out, table)
         print(f"written to {args.out}")
 
 
 def _synth(args) -> None:
     from fer_tune.data.synthetic import write_dataset
-    from fer_tune.io import check_writable
 
     if args.n < 1:
         raise UserError(f"--n {args.n}: must be >= 1 (the number of faces to write)")
@@ -174,21 +173,21 @@ def _synth(args) -> None:
 
 
 def _faces(args) -> None:
-    from fer_tune.faces import crop_folder, summarize_crops
+    from fer_tune.commands.faces import crop_folder, summarize_crops
 
     table = crop_folder(args.src, args.out, margin=args.margin, size=args.size, level_eyes=args.level_eyes)
     print(summarize_crops(table, args.out))
 
 
 def _predict(args) -> None:
-    from fer_tune.predict import run_predict
+    from fer_tune.commands.predict import run_predict
 
     run_predict(args.model, args.images, args.out, detect=args.detect, margin=args.margin,
                 level_eyes=args.level_eyes)
 
 
 def _export(args) -> None:
-    from fer_tune.export import export_model, parse_formats
+    from fer_tune.commands.export import export_model, parse_formats
 
     for path, diff in export_model(args.model, parse_formats(args.format)):
         print(f"wrote {path} (largest difference from the PyTorch model on a test batch: {diff:.1e})")

@@ -53,11 +53,12 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 
+from fer_tune import TASKS
+
 EXPRESSION_METRICS = ("accuracy", "f1_macro", "kappa", "auc_roc", "auc_pr")
 AFFECT_METRICS = ("rmse", "pcc", "sagr", "ccc")
 
-TASKS = ("expression", "valence", "arousal")
-AFFECT_TASKS = ("valence", "arousal")
+AFFECT_TASKS = TASKS[1:]
 
 _FLAT_NAMES = {"f1_macro": "f1"}
 """Metric names that differ in `flat_metrics` keys."""

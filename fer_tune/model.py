@@ -20,7 +20,7 @@ from timm.layers import ConvNormAct, create_attn
 from torch import nn
 
 from fer_tune import NUM_EXPRESSIONS
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +42,7 @@ class MultiTaskNet(nn.Module):
                                                   out_indices=tuple(range(-neck_stages, 0)), **weights)
             except Exception as err:  # timm raises several kinds for models without feature stages
                 raise UserError(f"model.neck: fpn needs {neck_stages} feature stages from '{backbone}' "
-                                f"(timm features_only: {' '.join(str(err).split())[:120]}); lower "
+                                f"(timm features_only: {one_line(err, limit=120)}); lower "
                                 f"model.neck_stages or use model.neck: none") from None
             channels = self.backbone.feature_info.channels()
             if attention != "none":

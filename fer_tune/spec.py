@@ -4,8 +4,11 @@ A search space is a set of dotted paths into that same spec with a distribution 
 trial's config is "the base spec with these values set" and the exported best config is a
 complete YAML that `fer-tune train` runs as is.
 
-Everything that can be checked without touching the data is checked here, at load time, and
-reported as one `UserError` line naming the file, the field and what is allowed.
+This module is the schema only: every check here looks at the values alone, never at the disk
+or at timm's registry, so a spec validates the same on any machine, in every Ray worker and from
+every checkpoint. What needs this machine (the backbone is known, a weights file or the dataset
+exists) is checked once where a command loads its spec: `fer_tune.specfile.load_spec`. Either
+way a problem is one `UserError` line naming the file, the field and what is allowed.
 """
 
 from __future__ import annotations
@@ -72,18 +75,10 @@ class DataSpec(Strict):
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
 
     @model_validator(mode="after")
-    def _root_exists(self) -> "DataSpec":
-        if self.source == "synthetic":
-            return self
-        if self.root is None:
+    def _root_given(self) -> "DataSpec":
+        if self.source != "synthetic" and self.root is None:
             raise ValueError(f"data.root is not set: source '{self.source}' needs a root folder or file "
                              f"(--set data.root=PATH)")
-        root = self.root.expanduser().resolve()
-        if not root.exists():
-            raise ValueError(
-                f"data.root '{self.root}' does not exist; point it at your dataset with "
-                f"--set data.root=PATH, or try search_spaces/quickstart.yaml (synthetic data)")
-        self.root = root
         return self
 
 
@@ -97,26 +92,6 @@ class ModelSpec(Strict):
     neck_stages: int = Field(3, ge=2, le=5, description="how many of the last backbone stages the fpn fuses")
     neck_channels: int = Field(128, ge=8, le=1024, description="width of each fpn level")
 
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, name: str) -> str:
-        import timm
-
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-            hint = f"; similar: {', '.join(close)}" if close else ""
-            raise ValueError(f"unknown timm backbone '{name}' (see timm.list_models()){hint}")
-        return name
-
-    @field_validator("pretrained")
-    @classmethod
-    def _weights_file_exists(cls, path: Optional[Path]) -> Optional[Path]:
-        if path is None:
-            return None
-        path = path.expanduser().resolve()
-        if not path.is_file():
-            raise ValueError(f"weights file '{path}' does not exist (model.pretrained takes a local file)")
-        return path
 
 
 class TrainSpec(Strict):
@@ -176,19 +151,6 @@ class DistillSpec(Strict):
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.5, ge=0, le=1, description="share of the loss that comes from the teacher")
 
-    @field_validator("teacher")
-    @classmethod
-    def _teacher_exists(cls, path: Optional[Path]) -> Optional[Path]:
-        if path is None:
-            return None
-        from fer_tune.train import find_model  # lazily: train imports this module
-
-        path = path.expanduser().resolve()
-        try:
-            find_model(path)
-        except UserError as err:
-            raise ValueError(str(err)) from None
-        return path
 
 
 class ResourcesSpec(Strict):
@@ -238,7 +200,8 @@ class SearchSpec(Strict):
     @field_validator("storage")
     @classmethod
     def _storage_location(cls, storage: Optional[str]) -> Optional[str]:
-        """A URI of a scheme Ray Train can write checkpoints to, or a local path made absolute.
+        """A URI of a scheme Ray Train can write checkpoints to, or a local path (made absolute
+        where the spec is loaded: `fer_tune.specfile.check_spec`).
 
         Ray Train resolves URIs with pyarrow; these are the schemes where a checkpoint's
         filesystem path plus the scheme is again its URI, which is how best/ is fetched back.
@@ -249,7 +212,7 @@ class SearchSpec(Strict):
         if scheme is None:
             if not storage.strip():
                 raise ValueError("is empty; give a path or a file://, s3:// or gs:// URI")
-            return str(Path(storage).expanduser().resolve())
+            return storage
         if scheme.group(1).lower() not in STORAGE_SCHEMES:
             raise ValueError(f"scheme '{scheme.group(1)}://' is not supported; use a local or shared path, "
                              f"or a {', '.join(s + '://' for s in STORAGE_SCHEMES)} URI")
@@ -442,49 +405,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
-def read_yaml(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such spec file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a spec YAML file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
-                        f"{err.start}); a spec must be a UTF-8 YAML file") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read spec file ({err.strerror or err})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"{path}: invalid YAML{line}: {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections (data:, model:, ...), got {type(raw).__name__}")
-    return raw
-
-
-def load_spec(path: Union[str, Path], overrides: list[str] = ()) -> Spec:
-    """Read, override and validate a spec file. Raises UserError with one line on any problem.
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set` values applied to a raw spec dict (in place, and returned).
 
     Overriding a field that the space also samples fixes it: the space entry is dropped.
     """
-    path = Path(path)
-    raw = read_yaml(path)
     for text in overrides:
         key, value = parse_override(text)
         set_path(raw, key, value)
         if not key.startswith("space.") and isinstance(raw.get("space"), dict):
             raw["space"].pop(key, None)
-    return validate_spec(raw, source=str(path))
+    return raw
 
 
 def validate_spec(raw: dict, source: str = "spec") -> Spec:
+    """A raw spec dict as a `Spec`, or a UserError "<source>: <field>: <problem>"."""
     try:
         return Spec.model_validate(raw)
     except ValidationError as err:

@@ -101,7 +101,7 @@ def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_sa
 
     import pytest
 
-    from fer_tune.spec import load_spec
+    from fer_tune.specfile import load_spec
 
     spec_file = REPO / "search_spaces" / "quickstart.yaml"
     earlier, later = argparse.Namespace(grace=1, reduction_factor=3.0), argparse.Namespace(grace=3, reduction_factor=2.0)

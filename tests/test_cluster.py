@@ -169,7 +169,7 @@ def test_search_survives_losing_a_node_mid_trial(two_nodes, spread_search):
 
 
 def test_scaling_config_packs_by_default_spreads_on_request_one_gpu_per_worker():
-    from fer_tune.search import scaling_config
+    from fer_tune.search.trial import scaling_config
 
     packed = scaling_config(ResourcesSpec(workers_per_trial=4, use_gpu=True), use_gpu=True)
     assert packed.placement_strategy == "PACK" and packed.num_workers == 4 and packed.use_gpu
@@ -192,7 +192,7 @@ def test_unusable_address_or_storage_is_one_line(tmp_path, capsys):
 
 
 def test_worker_env_drops_preemption_watcher_and_metrics_only_on_a_ray_started_here(monkeypatch):
-    from fer_tune.search import _worker_env
+    from fer_tune.search.cluster import _worker_env
 
     for name in ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
                  "RAY_TRAIN_METRICS_ENABLED", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
@@ -209,12 +209,12 @@ def test_worker_env_drops_preemption_watcher_and_metrics_only_on_a_ray_started_h
 
 
 def test_worker_without_the_dataset_names_its_node(tmp_path):
-    from fer_tune.search import _require_dataset_here
+    from fer_tune.search.trial import require_dataset_here
 
     with pytest.raises(FileNotFoundError, match=r"data.root .*missing does not exist on node \S+: every node"):
-        _require_dataset_here({"data": {"source": "csv", "root": str(tmp_path / "missing")}})
-    _require_dataset_here({"data": {"source": "csv", "root": str(tmp_path)}})
-    _require_dataset_here({"data": {"source": "synthetic"}})
+        require_dataset_here({"data": {"source": "csv", "root": str(tmp_path / "missing")}})
+    require_dataset_here({"data": {"source": "csv", "root": str(tmp_path)}})
+    require_dataset_here({"data": {"source": "synthetic"}})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,7 +11,8 @@ from fer_tune.data.cache import load_images
 from fer_tune.data.sources import load_table
 from fer_tune.errors import UserError
 from fer_tune.model import MultiTaskNet
-from fer_tune.spec import DataSpec, ModelSpec
+from fer_tune.spec import DataSpec, ModelSpec, Spec
+from fer_tune.specfile import check_spec
 
 
 def folder_with_bad_images(root):
@@ -60,5 +61,5 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path):
         assert torch.equal(net.backbone.state_dict()[name], tensor), name
     out = net(torch.rand(2, 3, 32, 32))
     assert out["expression"].shape == (2, 8) and out["valence"].abs().max() <= 1
-    with pytest.raises(ValueError, match="does not exist"):
-        ModelSpec(backbone="test_resnet", pretrained=tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="does not exist"):  # checked where a command loads its spec
+        check_spec(Spec(model=ModelSpec(backbone="test_resnet", pretrained=tmp_path / "missing.pth")))

@@ -16,12 +16,12 @@ from sklearn.metrics import cohen_kappa_score
 
 from fer_tune.cli import main
 from fer_tune.data.prepare import prepare_data
-from fer_tune.distill import load_teacher
-from fer_tune.evaluate import predict
-from fer_tune.loop import fit
+from fer_tune.engine.teacher import load_teacher
+from fer_tune.engine.evaluate import predict
+from fer_tune.engine.loop import fit
 from fer_tune.model import create_model
 from fer_tune.spec import validate_spec
-from fer_tune.train import export_best
+from fer_tune.engine.artifacts import export_best
 
 from conftest import write_spec
 

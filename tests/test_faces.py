@@ -1,4 +1,4 @@
-"""Face detection and cropping (`fer_tune.faces`, `fer-tune data faces`) on real FER2013 faces."""
+"""Face detection and cropping (`fer_tune.data.faces`, `fer-tune data faces`) on real FER2013 faces."""
 
 import random
 
@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from fer_tune.cli import main
-from fer_tune.data.sources import _read_rgb, load_table
-from fer_tune.faces import Face, FaceDetector, crop_face, read_photo
+from fer_tune.data.images import read_rgb
+from fer_tune.data.sources import load_table
+from fer_tune.data.faces import Face, FaceDetector, crop_face, read_photo
 from fer_tune.spec import DataSpec
 
 from composed import compose, fer_faces, matches, write_pictures
@@ -109,7 +110,7 @@ def test_photos_decode_like_training_images_and_stand_upright(tmp_path):
     Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)).save(gray)
     Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8)).save(rgba)
     for path in (gray, rgba):
-        np.testing.assert_array_equal(read_photo(path), _read_rgb(path))
+        np.testing.assert_array_equal(read_photo(path), read_rgb(path))
     # A camera photo stored sideways with EXIF orientation 6 is turned upright.
     sideways = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     exif = sideways.getexif()

@@ -369,6 +369,33 @@ def test_vectorised_resamples_match_point_metrics():
             assert aff[m][i] == pytest.approx(ref[m], rel=1e-9), (i, m)
 
 
+def test_ci_equals_sklearn_resampling_on_same_draws(monkeypatch):
+    """End to end: compute_metrics' expression CIs are those of a bootstrap that calls the
+    scikit-learn point metrics (`expression_metrics`) on each resampled array, same draws."""
+    targets, preds = synthetic(150, seed=10, missing=0.1)
+    labels = list(range(8))  # class 7 never a target: left out of the AUCs, F1 0 if predicted
+    vec = compute_metrics(targets, preds, labels=labels, ci=True, n_boot=60, seed=3)
+
+    class SklearnBoot:
+        def __init__(self, y, probs, lab):
+            self.y, self.probs, self.lab = y, probs, lab
+
+        def __call__(self, idx):
+            rows = [expression_metrics(self.y[i], self.probs[i], labels=self.lab) for i in idx]
+            return {m: np.array([r[m] for r in rows]) for m in EXPRESSION_METRICS}
+
+    monkeypatch.setattr(M, "_ExpressionBoot", SklearnBoot)
+    monkeypatch.setattr(M, "_resample_weights", lambda idx, n: idx)
+    ref = compute_metrics(targets, preds, labels=labels, ci=True, n_boot=60, seed=3)
+    assert set(vec["ci95"]["expression"]) == set(EXPRESSION_METRICS)
+    for m in EXPRESSION_METRICS:
+        assert vec["ci95"]["expression"][m] == pytest.approx(
+            ref["ci95"]["expression"][m], rel=1e-9
+        ), m
+    for key in ("expression", "counts"):
+        assert vec[key] == ref[key]
+
+
 def test_timing_4000_samples_with_ci():
     targets, preds = synthetic(4000, seed=9)
     t0 = time.perf_counter()

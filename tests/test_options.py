@@ -16,12 +16,13 @@ from timm.layers.cbam import CbamModule
 
 from fer_tune.data.sampler import ClassBalancedSampler, class_balanced_weights
 from fer_tune.errors import UserError
-from fer_tune.loop import build_ema, build_optimizer, build_scheduler, fit, lr_factor
+from fer_tune.engine.loop import build_ema, build_optimizer, build_scheduler, fit, lr_factor
 from fer_tune.losses import UncertaintyWeights, hard_labels, multitask_loss
 from fer_tune.mixing import mix_batch, mix_targets
 from fer_tune.model import MultiTaskNet
-from fer_tune.spec import LossSpec, TrainSpec, load_spec, validate_spec
-from fer_tune.train import load_torch, save_torch
+from fer_tune.spec import LossSpec, TrainSpec, validate_spec
+from fer_tune.specfile import load_spec
+from fer_tune.engine.artifacts import load_torch, save_torch
 
 NAN = float("nan")
 

@@ -11,12 +11,12 @@ from PIL import Image
 from fer_tune.cli import main
 from fer_tune.data.cache import load_images
 from fer_tune.data.sources import load_table
-from fer_tune.export import load_runtime
-from fer_tune.faces import FaceDetector, read_photo
+from fer_tune.engine.runtime import load_runtime
+from fer_tune.data.faces import FaceDetector, read_photo
 from fer_tune.model import create_model
-from fer_tune.predict import PROBABILITY_COLUMNS, predict_photos, to_batch
-from fer_tune.spec import load_spec
-from fer_tune.train import export_best
+from fer_tune.commands.predict import PROBABILITY_COLUMNS, predict_photos, to_batch
+from fer_tune.specfile import load_spec
+from fer_tune.engine.artifacts import export_best
 
 from composed import compose, matches, write_pictures
 from conftest import FER2013, write_spec

@@ -14,8 +14,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fer_tune.cli import main
-from fer_tune.report import with_ci
-from fer_tune.tensorboard import hparam_value
+from fer_tune.report.markdown import with_ci
+from fer_tune.report.tensorboard import hparam_value
 
 from conftest import write_spec
 from test_train import make_folder_dataset
@@ -116,6 +116,14 @@ def test_report_of_data_without_valence_arousal_says_so(tmp_path):
     assert "### Valence and arousal" not in text
     assert not (out / "report" / "valence_arousal.png").exists()
     assert (out / "report" / "confusion_matrix.png").exists()
+
+    # The report reads only the experiment folder: it rebuilds once the dataset has moved away,
+    # and the trained model still runs (nothing re-checks data.root once the run is over).
+    root.rename(tmp_path / "moved")
+    (out / "report" / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "Not measured (the data have no labels for them)" in (out / "report" / "report.md").read_text()
+    assert main(["export", str(out)]) == 0 and (out / "best" / "model.ts").is_file()
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fer_tune.cli import main
-from fer_tune.search import param_name, SpaceSampler
-from fer_tune.spec import load_spec
+from fer_tune.search.space import param_name, SpaceSampler
+from fer_tune.specfile import load_spec
 
 from conftest import write_spec
 
@@ -44,7 +44,7 @@ def test_conditional_space_samples_only_matching_entries(tmp_path):
 def test_tpe_models_after_its_startup_trials_and_a_search_too_short_for_it_is_told(tmp_path, capsys):
     import optuna
 
-    from fer_tune.search import make_sampler
+    from fer_tune.search.space import make_sampler
 
     def draws(space=True, **searcher) -> list[float]:
         spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 8, "searcher": searcher},
@@ -65,7 +65,7 @@ def test_tpe_models_after_its_startup_trials_and_a_search_too_short_for_it_is_to
 
 
 def test_one_worker_trials_train_in_their_tune_process_only_on_a_ray_fer_tune_starts(tmp_path):
-    from fer_tune.search import trains_in_trial
+    from fer_tune.search.trial import trains_in_trial
 
     def spec(**sections):
         return load_spec(write_spec(tmp_path / "s.yaml", **sections))
@@ -153,7 +153,7 @@ def test_test_split_untouched_until_final_evaluation(searched):
 
 def test_two_workers_run_ddp_and_report_metrics_of_the_whole_val_split(tmp_path):
     from fer_tune.data.prepare import open_prepared
-    from fer_tune.evaluate import predict
+    from fer_tune.engine.evaluate import predict
     from fer_tune.metrics import compute_metrics, flat_metrics
     from fer_tune.model import create_model
 

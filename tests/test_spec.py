@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from fer_tune.errors import UserError
-from fer_tune.spec import Spec, load_spec, validate_spec
+from fer_tune.spec import Spec, validate_spec
+from fer_tune.specfile import load_spec
 
 from conftest import REPO, write_spec
 

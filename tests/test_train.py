@@ -10,7 +10,7 @@ from PIL import Image
 
 from fer_tune.cli import main
 from fer_tune.data.synthetic import render_face, sample_faces
-from fer_tune.spec import load_spec
+from fer_tune.specfile import load_spec
 
 from conftest import write_spec
 
@@ -74,7 +74,7 @@ def test_train_folder_source_lists_missing_tasks(tmp_path):
 
 def test_test_split_is_read_only_by_the_final_evaluation(tiny_spec, tmp_path, monkeypatch):
     import fer_tune.data.cache as cache
-    import fer_tune.train as train
+    import fer_tune.commands.train as train
 
     reads, phase = [], {"now": "before"}
     original_read, original_fit = cache.read_image, train.fit

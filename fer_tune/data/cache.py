@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from fer_tune.data.sources import BadImage, read_image
+from fer_tune.data.images import BadImage
+from fer_tune.data.sources import read_image
 from fer_tune.data.splits import table_fingerprint
 from fer_tune.errors import UserError
 from fer_tune.io import atomic_save_npy

@@ -51,10 +51,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+
+from fer_tune.io import atomic_write_text
 
 __all__ = ["AU_NAMES", "sample_faces", "render_face", "render_faces", "write_dataset"]
 
@@ -639,11 +642,7 @@ def render_faces(table: pd.DataFrame, size: int) -> np.ndarray:
 def write_dataset(out, n: int, size: int, seed: int = 0, label_noise: float = 0.05,
                   identities: int = 100):
     """Write `n` faces as PNGs plus `labels.csv` (a `data.source: csv` dataset). Returns the CSV path."""
-    from pathlib import Path
-
     from PIL import Image
-
-    from fer_tune.io import atomic_write_text
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

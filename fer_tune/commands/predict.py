@@ -1,10 +1,10 @@
 """`fer-tune predict`: expression, probabilities, valence and arousal for every face in photos.
 
 Each photo goes through what training did to its images: decoded to RGB (grayscale becomes three
-equal channels), the face cropped (`fer_tune.faces`, or the whole image with `--no-detect`),
+equal channels), the face cropped (`fer_tune.data.faces`, or the whole image with `--no-detect`),
 resized to the config's `data.image_size` with INTER_AREA and scaled to [0, 1]; the network
 normalises inside. Faces from several photos share one batch. Any exported form of the model runs
-it (`fer_tune.export.load_runtime`) and they answer the same, to 1e-4.
+it (`fer_tune.engine.runtime.load_runtime`) and they answer the same, to 1e-4.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import numpy as np
 import pandas as pd
 
 from fer_tune import EXPRESSIONS
-from fer_tune.data.sources import IMAGE_EXTENSIONS, BadImage
+from fer_tune.data.faces import DEFAULT_MARGIN, Face, FaceDetector, check_margin, crop_face, read_photo, resize_face
+from fer_tune.data.images import IMAGE_EXTENSIONS, BadImage, list_images, pil_format
+from fer_tune.engine.runtime import load_runtime
 from fer_tune.errors import UserError
-from fer_tune.faces import DEFAULT_MARGIN, Face, FaceDetector, crop_face, list_images, read_photo, resize_face
+from fer_tune.io import atomic_write, check_writable
 
 PROBABILITY_COLUMNS = [f"p_{name}" for name in EXPRESSIONS]
 COLUMNS = ["image", "face", "x", "y", "w", "h", "expression", *PROBABILITY_COLUMNS, "valence", "arousal"]
@@ -194,10 +196,7 @@ def _dial(canvas, valence, arousal, box, colour, font_scale, thick) -> None:
 def _save(rgb: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from fer_tune.faces import _pil_format
-    from fer_tune.io import atomic_write
-
-    atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=_pil_format(path), quality=92))
+    atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=pil_format(path), quality=92))
 
 
 # ----------------------------------------------------------------------------- the command
@@ -206,10 +205,6 @@ def _save(rgb: np.ndarray, path: Path) -> None:
 def run_predict(model: Path, inputs: list[Path], out: Optional[Path], detect: bool, margin: float,
                 level_eyes: bool) -> Prediction:
     """`fer-tune predict`: predictions.csv to --out (or as CSV on stdout), a summary on stderr."""
-    from fer_tune.export import load_runtime
-    from fer_tune.faces import check_margin
-    from fer_tune.io import atomic_write, check_writable
-
     check_margin(margin)
     if out is not None:
         for given in inputs:

@@ -12,6 +12,11 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import pandas as pd
+
+from fer_tune.report.experiment import Experiment
+from fer_tune.report.figures import confusion_figure
+
 # Files the report writes carry this suffix, so re-running the report replaces them, never the curves.
 REPORT_SUFFIX = ".fer-tune-report"
 SCALAR_PREFIXES = ("train_", "val_")
@@ -100,8 +105,45 @@ def write_confusion_image(folder: Path, matrix, labels: list[str], step: int, ti
     """The best epoch's validation confusion matrix as an image in one run's folder."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from fer_tune.plots import confusion_figure
-
     figure = confusion_figure(matrix, labels, title)
     with SummaryWriter(str(folder), filename_suffix=REPORT_SUFFIX) as writer:
         writer.add_figure("val/confusion_matrix", figure, global_step=int(step), close=True)
+
+def write_tensorboard(exp: Experiment) -> None:
+    """HParams (searches) and each trial's best-epoch validation confusion matrix."""
+    logdir = exp.out / "tensorboard"
+    logdir.mkdir(parents=True, exist_ok=True)
+    clear_report_files(logdir)
+    if exp.is_search:
+        if exp.history is not None:
+            write_curves(logdir, exp.history)
+        rows = []
+        for _, row in exp.trials.iterrows():
+            rows.append({"trial_id": row["trial_id"], "status": row["stop_reason"],
+                         **{p: row.get(p) for p in exp.params},
+                         **{m: row.get(m) for m in HPARAM_METRICS}})
+        write_hparams(logdir, rows, exp.params)
+    labels = exp.label_names()
+    for trial_id, confusion in exp.confusions.items():
+        folder = logdir / trial_id if exp.is_search else logdir
+        matrix = [[confusion["matrix"][i][j] for j in exp.metrics.get("labels", range(8))]
+                  for i in exp.metrics.get("labels", range(8))]
+        write_confusion_image(folder, matrix, labels, confusion["epoch"],
+                              f"val confusion, best epoch {confusion['epoch']}")
+
+def write_curves(logdir: Path, history: pd.DataFrame) -> None:
+    """Each trial's curves from history.csv, replacing the ones logged live during the search.
+
+    The live ones come from Tune's results, which can miss a trial's last epoch; history.csv
+    is completed from the trial's checkpoint, so the curves end where training did.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    for trial_id, rows in history.groupby(history["trial_id"].astype(str)):
+        folder = logdir / trial_id
+        for live in folder.glob("events.out.tfevents.*"):
+            if not live.name.endswith(REPORT_SUFFIX):
+                live.unlink()
+        with SummaryWriter(str(folder), filename_suffix=REPORT_SUFFIX) as writer:
+            for _, row in rows.sort_values("epoch").iterrows():
+                log_epoch(writer, row.to_dict())

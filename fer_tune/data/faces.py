@@ -1,4 +1,4 @@
-"""Find faces in photos and crop them the way the network expects: `fer-tune data faces`.
+"""Find faces in photos and crop them the way the network expects (`fer-tune data faces`, `predict`).
 
 Detection is OpenCV's Haar cascade (`cv2.data.haarcascades`, shipped inside
 opencv-python-headless 4.x, so nothing is downloaded). It is old and misses turned, tilted or
@@ -21,14 +21,12 @@ from typing import Iterable
 
 import cv2
 import numpy as np
-import pandas as pd
 
-from fer_tune.data.sources import IMAGE_EXTENSIONS, BadImage, _read_rgb
+from fer_tune.data.images import read_rgb
 from fer_tune.errors import UserError
 
 DEFAULT_MARGIN = 0.2
 """Share of the detected box's side added on each side of a crop (Haar boxes cut the forehead and chin)."""
-
 FACE_CASCADE = "haarcascade_frontalface_default.xml"
 EYE_CASCADE = "haarcascade_eye.xml"
 
@@ -36,7 +34,6 @@ _DETECT_MAX_SIDE = 1280  # detection runs on a copy no larger than this: big pho
 _DETECT_MIN_SIDE = 160   # ... and no smaller than this: tiny crops get enough pixels for the cascade
 _DETECT_PAD = 0.25       # replicated border (share of the shorter side): finds faces that fill the frame
 _MAX_TILT = 30.0         # eye pairs tilted more than this are taken for a misdetection
-
 
 @dataclass(frozen=True)
 class Face:
@@ -48,15 +45,13 @@ class Face:
     h: int
     angle: float = 0.0
 
-
 def read_photo(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3), upright as a photo viewer shows it (EXIF orientation applied).
 
-    Decodes like training does (`fer_tune.data.sources`: PIL, any mode converted to RGB, so a
+    Decodes like training does (`fer_tune.data.images`: PIL, any mode converted to RGB, so a
     grayscale face becomes three equal channels); only the EXIF rotation of camera photos is extra.
     """
-    return _read_rgb(path, upright=True)
-
+    return read_rgb(path, upright=True)
 
 class FaceDetector:
     """Haar cascade face finder; with `level_eyes`, also measures each face's eye tilt.
@@ -111,7 +106,6 @@ class FaceDetector:
         angle = math.degrees(math.atan2(ry - ly, rx - lx))
         return angle if abs(angle) <= _MAX_TILT else 0.0
 
-
 def crop_face(image: np.ndarray, face: Face, margin: float = DEFAULT_MARGIN) -> np.ndarray:
     """The square around `face`, grown by `margin` per side and levelled by `face.angle`, at native resolution.
 
@@ -132,105 +126,16 @@ def crop_face(image: np.ndarray, face: Face, margin: float = DEFAULT_MARGIN) -> 
     matrix[:, 2] += (side / 2 - cx, side / 2 - cy)
     return cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-
 def resize_face(crop: np.ndarray, size: int) -> np.ndarray:
     """The cache's resize (`fer_tune.data.cache`): what training did to every image, done here too."""
     if crop.shape[:2] == (size, size):
         return crop
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
 
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; hidden files and folders are skipped."""
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
-        found += [Path(parent) / f for f in sorted(files)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    return found
-
-
-def crop_folder(src: Path, dst: Path, margin: float = DEFAULT_MARGIN, size: int = 224,
-                level_eyes: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Crop the largest face of every image under `src` into `dst`, at the same relative path.
-
-    A class-folder dataset stays one. Images without a face and unreadable files are skipped and
-    listed, with every crop's source box, in `dst/faces.csv`; the table is also returned.
-    """
-    from PIL import Image
-    from tqdm import tqdm
-
-    from fer_tune.io import atomic_write
-
-    src, dst = Path(src), Path(dst)
-    _check_crop_args(src, dst, margin, size)
-    images = list_images(src)
-    if not images:
-        raise UserError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
-    detector = FaceDetector(level_eyes=level_eyes)
-    rows = []
-    for path in tqdm(images, desc="finding faces", unit="img", disable=None if progress else True):
-        rel = path.relative_to(src).as_posix()
-        row = {"image": rel, "crop": "", "status": "face", "faces": 0, "x": None, "y": None,
-               "w": None, "h": None, "angle": None, "reason": ""}
-        try:
-            rgb = read_photo(path)
-        except BadImage as err:
-            rows.append({**row, "status": "unreadable", "reason": err.reason})
-            continue
-        faces = detector.find(rgb)
-        if not faces:
-            rows.append({**row, "status": "no face"})
-            continue
-        face = faces[0]
-        crop = crop_face(rgb, face, margin)
-        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if crop.shape[0] >= size
-                          else cv2.INTER_CUBIC)
-        out = dst / rel
-        atomic_write(out, lambda tmp: Image.fromarray(crop).save(tmp, format=_pil_format(out), quality=95))
-        rows.append({**row, "crop": rel, "faces": len(faces), "x": face.x, "y": face.y, "w": face.w,
-                     "h": face.h, "angle": round(face.angle, 2)})
-    table = pd.DataFrame(rows)
-    atomic_write(dst / "faces.csv", lambda tmp: table.to_csv(tmp, index=False))
-    return table
-
-
-def summarize_crops(table: pd.DataFrame, dst: Path) -> str:
-    """What `fer-tune data faces` prints: counts, and the first images that gave no crop."""
-    status = table["status"].value_counts()
-    lines = [f"cropped {status.get('face', 0)} of {len(table)} images into {dst} "
-             f"({status.get('no face', 0)} without a face, {status.get('unreadable', 0)} unreadable); "
-             f"every image's result is in {Path(dst) / 'faces.csv'}"]
-    for kind in ("no face", "unreadable"):
-        listed = table[table["status"] == kind]
-        for row in listed.head(5).itertuples():
-            lines.append(f"  {kind}: {row.image}" + (f" ({row.reason})" if row.reason else ""))
-        if len(listed) > 5:
-            lines.append(f"  ... and {len(listed) - 5} more {kind}")
-    return "\n".join(lines)
-
-
-def _check_crop_args(src: Path, dst: Path, margin: float, size: int) -> None:
-    from fer_tune.io import check_writable
-
-    if not src.is_dir():
-        raise UserError(f"--in {src}: {'is a file' if src.exists() else 'does not exist'}; "
-                        f"give the folder of photos to crop")
-    check_margin(margin)
-    if not 16 <= size <= 1024:
-        raise UserError(f"--size {size}: must be between 16 and 1024 (pixels of the square crops)")
-    src_real, dst_real = src.resolve(), dst.resolve()
-    if dst_real == src_real or src_real in dst_real.parents:
-        raise UserError(f"--out {dst}: is inside --in {src}; crops would mix with the photos, choose "
-                        f"a folder outside it")
-    check_writable(dst)
-
-
 def check_margin(margin: float) -> None:
     if not 0 <= margin <= 1:
         raise UserError(f"--margin {margin:g}: must be between 0 and 1 (share of the face box added "
                         f"on each side; {DEFAULT_MARGIN} is the default)")
-
 
 def _cascade(name: str) -> cv2.CascadeClassifier:
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, name))
@@ -238,7 +143,6 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
         raise UserError(f"OpenCV's {name} is missing from {cv2.data.haarcascades}; install "
                         f"opencv-python-headless>=4.9,<5 (OpenCV 5 removed the Haar cascades)")
     return cascade
-
 
 def _drop_nested(boxes: Iterable[tuple]) -> list[tuple]:
     """Keep the larger of two boxes that mostly overlap: the cascade sometimes reports a face twice."""
@@ -248,13 +152,7 @@ def _drop_nested(boxes: Iterable[tuple]) -> list[tuple]:
             kept.append(box)
     return kept
 
-
 def _overlap_of_smaller(a: tuple, b: tuple) -> float:
     ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
     return ix * iy / max(1, min(a[2] * a[3], b[2] * b[3]))
-
-
-def _pil_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}.get(suffix, "PNG")

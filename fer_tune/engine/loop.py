@@ -34,7 +34,8 @@ from fer_tune import NUM_EXPRESSIONS
 from fer_tune.data.augment import build_augment
 from fer_tune.data.dataset import FaceDataset
 from fer_tune.data.sampler import ClassBalancedSampler
-from fer_tune.evaluate import predict
+from fer_tune.engine.evaluate import predict
+from fer_tune.engine.teacher import load_teacher
 from fer_tune.losses import (UncertaintyWeights, distillation_loss, hard_labels, inverse_frequency_weights,
                              multitask_loss)
 from fer_tune.metrics import compute_metrics, flat_metrics, predicted_classes
@@ -83,11 +84,7 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
     uncertainty = UncertaintyWeights().to(device) if spec.loss.weighting == "uncertainty" else None
     optimizer = build_optimizer(model, t, extra=list(uncertainty.parameters()) if uncertainty else [])
     ema = build_ema(model, t)  # when on, the EMA is what is validated, kept and exported
-    teacher = None
-    if spec.distill.teacher is not None:
-        from fer_tune.distill import load_teacher  # imports train.py, which imports this module
-
-        teacher = load_teacher(spec.distill.teacher, device)
+    teacher = load_teacher(spec.distill.teacher, device) if spec.distill.teacher is not None else None
     per_rank_batch = max(1, t.batch_size // world)
     # The shuffle's generator and the augmentation are seeded by seed_epoch at every epoch.
     train_set = FaceDataset(train_split, build_augment(spec.augment.strength, spec.data.image_size))

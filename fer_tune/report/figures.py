@@ -7,6 +7,8 @@ labelled in words, and a missing value is shown as missing rather than as zero.
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -14,6 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from fer_tune import EXPRESSIONS  # noqa: E402
+from fer_tune.io import atomic_write  # noqa: E402
+from fer_tune.report.experiment import Experiment, top_trials, trial_label  # noqa: E402
 
 
 def confusion_figure(matrix, labels: list[str], title: str):
@@ -126,16 +132,19 @@ def parallel_coordinates_figure(trials: pd.DataFrame, params: list[str], metric:
     return fig
 
 
-def importances_figure(importances: dict[str, float]):
-    names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.4))
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    for i, name in enumerate(names):
-        ax.text(importances[name], i, f" {importances[name]:.2f}", va="center", fontsize=8)
-    ax.set(xlabel="importance (share of the objective's variance, fANOVA)", xlim=(0, 1.1),
-           title="parameter importances")
-    fig.tight_layout()
-    return fig
+def importances_figure(study, evaluator):
+    """Optuna's own importance plot of the study; with the report's evaluator it draws the table's numbers."""
+    import optuna
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = plot_param_importances(study, evaluator=evaluator)
+    figure = axes.get_figure()
+    figure.set_size_inches(6.5, 0.45 * len(axes.get_yticklabels()) + 1.6)
+    axes.set_title("parameter importances (fANOVA)")
+    figure.tight_layout()
+    return figure
 
 
 def class_counts_figure(counts: dict[str, int], title: str):
@@ -152,7 +161,43 @@ def class_counts_figure(counts: dict[str, int], title: str):
 
 def save(figure, path) -> None:
     """Write the PNG atomically (a crash never leaves half an image) and free the figure."""
-    from fer_tune.io import atomic_write
-
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(figure)
+
+def write_plots(exp: Experiment, report_dir: Path) -> list[tuple[str, str]]:
+    """Every figure the data allow, as (caption, file name)."""
+    from sklearn.metrics import confusion_matrix
+
+    written = []
+
+    def save_as(figure, name: str, caption: str) -> None:
+        save(figure, report_dir / name)
+        written.append((caption, name))
+
+    labels = list(exp.metrics.get("labels", range(len(EXPRESSIONS))))
+    names = exp.label_names()
+    preds = exp.predictions
+    if preds is not None and "expression" in exp.metrics:
+        labelled = preds[preds["expression"] >= 0]
+        matrix = confusion_matrix(labelled["expression"], labelled["expression_pred"], labels=labels)
+        save_as(confusion_figure(matrix, names, f"test confusion matrix (n={len(labelled)}), row-normalised"),
+             "confusion_matrix.png", "Test confusion matrix (rows: true class, normalised)")
+    affect = [t for t in ("valence", "arousal") if t in exp.metrics and preds is not None]
+    if affect:
+        save_as(affect_scatter_figure(preds, affect, {t: exp.metrics[t]["ccc"] for t in affect}),
+             "valence_arousal.png", "Valence and arousal: predicted vs true (test)")
+    if exp.history is not None and len(exp.history):
+        top = top_trials(exp)
+        ids = [str(t) for t in top["trial_id"]] if top is not None else sorted(exp.history["trial_id"].astype(str).unique())
+        labels_by_id = {str(row["trial_id"]): trial_label(exp, row) for _, row in top.iterrows()} if top is not None else {}
+        save_as(learning_curves_figure(exp.history, ids, labels_by_id), "learning_curves.png",
+             f"Learning curves of the top {len(ids)} trial{'s' if len(ids) > 1 else ''}")
+    if exp.is_search and exp.params:
+        save_as(parallel_coordinates_figure(exp.trials, exp.params, "best_objective"),
+             "parallel_coordinates.png", "All trials: sampled values and best objective")
+    per_class = exp.metrics.get("counts", {}).get("per_class")
+    if per_class:
+        counts = {EXPRESSIONS[int(k)]: int(v) for k, v in per_class.items()}
+        save_as(class_counts_figure(counts, f"test images per class (n={sum(counts.values())})"),
+             "class_counts.png", "Test images per class")
+    return written

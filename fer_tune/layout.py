@@ -1,0 +1,42 @@
+"""The files of an experiment folder, by name, and where a trained model is found.
+
+    DIR/spec.yaml               the resolved spec          DIR/splits/{train,val,test}.csv, data.json
+    DIR/best/config.yaml        the winner, re-runnable    DIR/best/model.pt (.ts, .onnx)
+    DIR/report/                 metrics.json, report.md    DIR/tune/, DIR/optuna.db (searches)
+
+Every command that takes "a trained model" accepts the experiment folder, its best/ folder or
+the model file itself; `find_model` is the one place that turns such a path into its files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fer_tune.errors import UserError
+
+SPEC_FILE = "spec.yaml"
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.pt"
+BEST_DIR = "best"
+SPLITS_DIR = "splits"
+DATA_FILE = "data.json"  # under splits/: tasks, labels and sizes of the prepared data
+REPORT_DIR = "report"
+
+
+def find_model(path: Path) -> tuple[Path, Path]:
+    """(config.yaml, model.pt) of an experiment folder, its best/ folder, or a model file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: does not exist; give an experiment folder, its best/ folder or "
+                        f"a model.pt from `fer-tune train` or `fer-tune run`")
+    for folder in ([path / BEST_DIR, path] if path.is_dir() else [path.parent]):
+        if (folder / CONFIG_FILE).is_file() and (folder / MODEL_FILE).is_file():
+            return folder / CONFIG_FILE, folder / MODEL_FILE
+    raise UserError(f"{path}: no trained model here (expected best/config.yaml and best/model.pt "
+                    f"from `fer-tune train` or `fer-tune run`)")
+
+
+def experiment_of(config: Path) -> Path:
+    """The experiment folder a config.yaml belongs to (the folder above best/, or its own)."""
+    config = Path(config)
+    return config.parent.parent if config.parent.name == BEST_DIR else config.parent

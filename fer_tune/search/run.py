@@ -1,0 +1,249 @@
+"""`fer-tune run`: a Ray Tune search whose every trial trains through a Ray Train TorchTrainer
+(or, for a one-worker trial on a Ray fer-tune starts, in the Tune trial's own process).
+
+Flow (top to bottom in `run_search`):
+1. check the experiment folder and prepare the data once (split CSVs, train/val image caches)
+   before Ray; the spec itself was loaded and checked by the command (`fer_tune.specfile`);
+2. a Tuner over the trial trainable (`fer_tune.search.trial`), with OptunaSearch (TPE, study in
+   `DIR/optuna.db`) over the spec's `space:` (`fer_tune.search.space`) and ASHA on the objective;
+3. each trial launches a TorchTrainer whose workers run `fit()` (DDP when more than one) and
+   report every epoch, or runs `fit()` itself (`resources.trainer`, see `trains_in_trial`);
+4. after the search the best trial's best epoch is tested once on the test split
+   (`fer_tune.search.results` reads the trials back), and its config and weights are exported
+   to `DIR/best/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.search.optuna import OptunaSearch
+
+from fer_tune.data.prepare import prepare_data
+from fer_tune.engine.artifacts import export_best
+from fer_tune.engine.device import choose_device
+from fer_tune.engine.evaluate import evaluate_on_test, format_test
+from fer_tune.errors import SearchInterrupted, UserError
+from fer_tune.io import atomic_write_text, check_writable
+from fer_tune.report import write_history, write_report
+from fer_tune.report.tensorboard import log_epoch
+from fer_tune.search.cluster import (check_storage, connect_ray, driver_node_resource, note_multi_node_storage,
+                                     placement, train_storage)
+from fer_tune.search.results import read_checkpoint, trial_confusions, trial_histories, trial_table
+from fer_tune.search.space import SpaceSampler, make_sampler
+from fer_tune.search.trial import METRIC, make_trial, trains_in_trial
+from fer_tune.spec import Spec, describe_differences
+from fer_tune.specfile import read_spec
+
+STOPPING = "FER_TUNE_SEARCH_STOPPING"
+"""Set in the driver's environment while a Ctrl-C stops the search (see `StudySearch`)."""
+
+def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[str] = None,
+               verbose: int = 1) -> dict:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    started = time.time()
+    out = Path(out).resolve()
+    _check_same_experiment(spec, out, resume)
+    check_writable(out)
+    checkpoints = train_storage(spec, out)
+    if spec.search.storage is not None:
+        check_storage(checkpoints)  # before spec.yaml: a corrected --storage is then the same experiment
+    atomic_write_text(out / "spec.yaml", spec.to_yaml())
+    if not spec.space:
+        print(f"note: {spec.name} has no space: section; every trial trains the same config")
+
+    prepared = prepare_data(spec.data, out)  # reads and splits the labels: bad data fails here
+    joined = connect_ray(address, verbose)
+    use_gpu, concurrency = placement(spec, joined)
+    in_trial = trains_in_trial(spec, joined)
+    if in_trial:
+        checkpoints = str(out / "tune")  # Tune keeps them beside each trial's results
+        # Keeping one checkpoint per trial makes Tune save its experiment state at each; with epochs
+        # of a few seconds it warns about every one of them.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    note_multi_node_storage(checkpoints)
+    prepared.load("train"), prepared.load("val")  # the driver node's caches, built once before any trial
+    data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
+    storage = str(out)
+
+    sampler = make_sampler(spec)
+    storage_url = f"sqlite:///{out / 'optuna.db'}"
+    searcher = StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=sampler,
+                            study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
+    sched = spec.search.scheduler
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
+                               grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+                 if sched.type == "asha" else FIFOScheduler())
+    # Through a TorchTrainer, the trial function only waits on it: it holds memory, not a CPU a
+    # worker needs. It runs on the driver's node, as does the Train controller it starts, so a lost
+    # worker node takes only training workers with it, and Train retries the trial from its last
+    # checkpoint; a trial that fails anyway (diverged, raised) stays errored, also when resumed.
+    # In the trial's own process, the trial holds what one worker would, and Tune does the retries.
+    trainable = make_trial(spec, out, use_gpu, checkpoints, data, ray.get_runtime_context().get_node_id(), in_trial)
+    holds = ({"cpu": spec.resources.cpus_per_worker, "gpu": 1 if use_gpu else 0} if in_trial
+             else {"cpu": 0, "memory": 256 * 2**20, driver_node_resource(): 0.001})
+    trial = tune.with_resources(trainable, holds)
+    retries = spec.search.max_failures if in_trial else 0  # a TorchTrainer trial's are Train's
+    run_config = tune.RunConfig(name="tune", storage_path=storage, verbose=verbose,
+                                failure_config=tune.FailureConfig(max_failures=retries),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                callbacks=[TrialCurves(out / "tensorboard")])
+    tune_dir = out / "tune"
+    if tune.Tuner.can_restore(str(tune_dir)):
+        print(f"resuming the search in {tune_dir}")
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+            num_samples=spec.search.num_samples, max_concurrent_trials=concurrency))
+    with ctrl_c_stops_gracefully() as interrupted:
+        results = tuner.fit()
+    if interrupted or results.num_terminated + results.num_errors < spec.search.num_samples:
+        raise SearchInterrupted(f"the search stopped before its {spec.search.num_samples} trials ended "
+                                f"({'interrupted; ' if interrupted else ''}finished trials and the running "
+                                f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
+    return finish(spec, out, results, prepared, time.time() - started)
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that leaves the trials a Ctrl-C stops unfinished in the Optuna study.
+
+    Tune's graceful stop saves the experiment (those trials still running in it) and then reports
+    them complete to the searcher; told to Optuna, their partial objective would become a final
+    one, and the resumed trials could no longer be told. Skipped, the study matches the saved
+    experiment, and resumed trials are told when they really end.
+
+    That the stop has begun reaches it through the driver's environment (`STOPPING`, set by
+    `ctrl_c_stops_gracefully`): Tune unpickles the searcher of a resumed search itself, so it
+    cannot be handed a flag.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if os.environ.get(STOPPING):
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+@contextlib.contextmanager
+def ctrl_c_stops_gracefully():
+    """Ctrl-C during `tuner.fit()`: Tune saves the experiment state and returns; yields a list
+    that is non-empty afterwards if that happened. A second Ctrl-C stops at once.
+
+    Tune's own SIGINT handler stops the same way but leaves no trace: once it returns, trials it
+    stopped read as terminated, like finished ones. So ours records the interrupt and asks Tune
+    to stop through SIGUSR1, which Tune handles with the same graceful stop.
+    """
+    import signal
+
+    interrupted: list = []
+    os.environ.pop(STOPPING, None)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield interrupted
+        return
+
+    def on_ctrl_c(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        os.environ[STOPPING] = "1"
+        print("\nfer-tune: stopping; the search state is being saved (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous_setting = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield interrupted
+    finally:
+        os.environ.pop(STOPPING, None)
+        signal.signal(signal.SIGINT, previous_handler)
+        if previous_setting is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_setting
+
+def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
+    """Test the best trial's best epoch once, write trials.csv and export best/."""
+    trials = trial_table(spec, results)
+    atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
+    done = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
+    if done.empty:
+        reasons = "; ".join(sorted(set(trials["error"].dropna().astype(str))))[:500]
+        raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
+    best = done.sort_values(METRIC, ascending=False).iloc[0]
+    state = read_checkpoint(best["checkpoint"])
+    best_spec = Spec.model_validate(state["spec"])
+    device = choose_device("auto")  # the driver's own: a CPU head node tests a GPU-trained model
+    counts = trials["stop_reason"].value_counts().to_dict()
+    export_best(out / "best", best_spec, state["best_model"], prepared.labels)  # before the test: never lost
+    metrics = evaluate_on_test(best_spec, prepared, state["best_model"], device, report_dir=out / "report", extra={
+        "best_trial": best["trial_id"], "best_epoch": int(state["best_epoch"]),
+        "val": {k.removeprefix("val_"): v for k, v in best.items() if str(k).startswith("val_")},
+        "train_accuracy": state["best_metrics"].get("train_accuracy"),
+        "trials": int(len(trials)), "trial_outcomes": {str(k): int(v) for k, v in counts.items()},
+        "epochs_spent": int(trials["epochs"].sum()), "wall_seconds": round(wall, 1)})
+    print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.4f} at epoch {int(state['best_epoch'])}; "
+          f"{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    print(format_test(metrics, out / "report" / "metrics.json"))
+    print(f"best config: {out / 'best' / 'config.yaml'}  (re-run: fer-tune train {out / 'best' / 'config.yaml'})")
+    write_history(out / "report", trial_histories(trials, results), trial_confusions(trials))
+    write_report(out)
+    return metrics
+
+class TrialCurves(TBXLoggerCallback):
+    """Tune's TensorBoard logger, replaced: clean tags (val/expression_f1, not ray/tune/...) and
+    one run per trial named by its id, written by the driver (so also when workers are remote).
+
+    Subclassing TBXLoggerCallback is what tells Tune not to add its own TensorBoard logger.
+    """
+
+    def __init__(self, logdir: Path):  # not TBXLoggerCallback's: no tensorboardX
+        self.logdir = str(logdir)
+        self._writers = {}
+
+    def __getstate__(self):  # Tune pickles its callbacks to resume a search; writers restart
+        return {"logdir": self.logdir, "_writers": {}}
+
+    def log_trial_start(self, trial) -> None:
+        pass
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if "epoch" not in result:
+            return
+        if trial.trial_id not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[trial.trial_id] = SummaryWriter(os.path.join(self.logdir, trial.trial_id))
+        log_epoch(self._writers[trial.trial_id], result)
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        writer = self._writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+
+def _check_same_experiment(spec: Spec, out: Path, resume: bool) -> None:
+    saved = out / "spec.yaml"
+    if not saved.exists():
+        if resume:
+            raise UserError(f"--resume: {out} holds no experiment to resume (no spec.yaml)")
+        return
+    try:
+        before = read_spec(saved)
+    except UserError:
+        raise UserError(f"{saved}: the experiment folder's spec is unreadable; use another --out") from None
+    differences = describe_differences(before.model_dump(mode="json"), spec.model_dump(mode="json"),
+                                       "folder has", "this spec has")
+    if differences:
+        raise UserError(f"{out} holds a different experiment ({differences[0]}"
+                        f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); "
+                        f"use another --out, or the same spec and --set values to resume it")

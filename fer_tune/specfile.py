@@ -1,0 +1,128 @@
+"""A spec file as a command loads it: read, `--set` applied, validated, then checked against this machine.
+
+`fer_tune.spec` only looks at values. What needs the disk or timm's registry is checked here,
+once, by the command that loads the spec, and is never checked again inside a Ray worker or
+when a finished experiment's files are read back (`read_spec`), so `fer-tune report` of an
+experiment whose dataset has moved away still works:
+
+- every backbone the spec (or its space) names is one timm knows;
+- every `model.pretrained` weights file and `distill.teacher` experiment exists;
+- `data.root` exists (for a source that reads files);
+- local paths (data.root, weights, teacher, a local `search.storage`) are made absolute, so
+  the spec saved in the experiment folder means the same from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from fer_tune.errors import UserError
+from fer_tune.io import read_yaml
+from fer_tune.layout import find_model
+from fer_tune.spec import Spec, apply_overrides, set_path, validate_spec
+
+CHECKED_SECTIONS = ("data", "model", "distill", "search")
+"""The sections `check_spec` looks at; a command may ask for fewer (evaluate: data only)."""
+
+
+def read_spec(path: Union[str, Path], overrides: list[str] = ()) -> Spec:
+    """Read, override and validate a spec file; nothing is checked against this machine."""
+    path = Path(path)
+    return validate_spec(apply_overrides(read_yaml(path), list(overrides)), source=str(path))
+
+
+def load_spec(path: Union[str, Path], overrides: list[str] = ()) -> Spec:
+    """What a command runs: `read_spec`, then `check_spec`. Raises UserError with one line."""
+    return check_spec(read_spec(path, overrides), source=str(Path(path)))
+
+
+def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHECKED_SECTIONS) -> Spec:
+    """`spec` with its local paths made absolute, once everything it names is found here."""
+    values: dict[str, Any] = {}
+    for key, check in _CHECKS.items():
+        if key.split(".")[0] not in sections:
+            continue
+        value = _get(spec, key)
+        problem, resolved = check(spec, value)
+        if problem:
+            raise UserError(f"{source}: {problem}")
+        if resolved != value:
+            values[key] = resolved
+        for space_key, entry in spec.space_entries():
+            if space_key != key:
+                continue
+            for extreme in entry.extremes():
+                problem, _ = check(spec, extreme)
+                if problem:
+                    raise UserError(f"{source}: space entry '{key}': value {extreme!r} is invalid: {problem}")
+    if not values:
+        return spec
+    raw = spec.model_dump(mode="json")
+    for key, value in values.items():
+        set_path(raw, key, value)
+    return validate_spec(raw, source=source)
+
+
+def _get(spec: Spec, key: str) -> Any:
+    node: Any = spec
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _backbone(spec: Spec, name: Any) -> tuple[Optional[str], Any]:
+    import timm
+
+    if timm.is_model(name):
+        return None, name
+    close = timm.list_models(f"*{str(name).split('_')[0]}*")[:5]
+    hint = f"; similar: {', '.join(close)}" if close else ""
+    return f"model.backbone: unknown timm backbone '{name}' (see timm.list_models()){hint}", name
+
+
+def _weights_file(spec: Spec, path: Any) -> tuple[Optional[str], Any]:
+    if path is None:
+        return None, None
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        return (f"model.pretrained: weights file '{resolved}' does not exist (model.pretrained takes a "
+                f"local file)"), path
+    return None, str(resolved)
+
+
+def _teacher(spec: Spec, path: Any) -> tuple[Optional[str], Any]:
+    if path is None:
+        return None, None
+    resolved = Path(path).expanduser().resolve()
+    try:
+        find_model(resolved)
+    except UserError as err:
+        return f"distill.teacher: {err}", path
+    return None, str(resolved)
+
+
+def _data_root(spec: Spec, root: Any) -> tuple[Optional[str], Any]:
+    if spec.data.source == "synthetic" or root is None:
+        return None, root
+    resolved = Path(root).expanduser().resolve()
+    if not resolved.exists():
+        return (f"data.root '{root}' does not exist; point it at your dataset with --set data.root=PATH, "
+                f"or try search_spaces/quickstart.yaml (synthetic data)"), root
+    return None, str(resolved)
+
+
+def _storage(spec: Spec, storage: Any) -> tuple[Optional[str], Any]:
+    if storage is None or "://" in str(storage):
+        return None, storage
+    return None, str(Path(storage).expanduser().resolve())
+
+
+_CHECKS: dict[str, Callable[[Spec, Any], tuple[Optional[str], Any]]] = {
+    "data.root": _data_root,
+    "model.backbone": _backbone,
+    "model.pretrained": _weights_file,
+    "distill.teacher": _teacher,
+    "search.storage": _storage,
+}
+"""Spec field -> check(spec, value) giving (problem or None, the value to keep)."""
