@@ -93,7 +93,6 @@ class ModelSpec(Strict):
     neck_channels: int = Field(128, ge=8, le=1024, description="width of each fpn level")
 
 
-
 class TrainSpec(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -150,7 +149,6 @@ class DistillSpec(Strict):
     teacher: Optional[Path] = Field(None, description="experiment folder, its best/ folder or a model.pt")
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.5, ge=0, le=1, description="share of the loss that comes from the teacher")
-
 
 
 class ResourcesSpec(Strict):

@@ -26,6 +26,7 @@ from fer_tune.io import atomic_write
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
 """`--format` names and the file each writes in best/."""
 
+
 def parse_formats(text: str) -> list[str]:
     formats = [f.strip().lower() for f in text.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
@@ -33,6 +34,7 @@ def parse_formats(text: str) -> list[str]:
         raise UserError(f"--format {text}: unknown format '{(unknown or [''])[0]}'; choose from "
                         f"{', '.join(FORMATS)} (comma-separated)")
     return list(dict.fromkeys(formats))
+
 
 def export_model(model_path: Path, formats: list[str]) -> list[tuple[Path, float]]:
     """Write each format next to config.yaml; returns (file, largest difference from PyTorch) for each."""
@@ -65,12 +67,14 @@ def export_model(model_path: Path, formats: list[str]) -> list[tuple[Path, float
         atomic_write(path, write_and_check)
     return written
 
+
 def _write_torchscript(net: InferenceNet, example: torch.Tensor, path: Path) -> None:
     # Tracing, not scripting: timm backbones trace reliably but many do not script.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice and tracer warnings
         traced = torch.jit.trace(net, example, check_trace=False)
         torch.jit.save(traced, str(path))
+
 
 def _write_onnx(net: InferenceNet, example: torch.Tensor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)

@@ -12,6 +12,7 @@ from fer_tune.data.images import IMAGE_EXTENSIONS, BadImage, list_images, pil_fo
 from fer_tune.errors import UserError
 from fer_tune.io import atomic_write, check_writable
 
+
 def crop_folder(src: Path, dst: Path, margin: float = DEFAULT_MARGIN, size: int = 224,
                 level_eyes: bool = False, progress: bool = True) -> pd.DataFrame:
     """Crop the largest face of every image under `src` into `dst`, at the same relative path.
@@ -54,6 +55,7 @@ def crop_folder(src: Path, dst: Path, margin: float = DEFAULT_MARGIN, size: int 
     atomic_write(dst / "faces.csv", lambda tmp: table.to_csv(tmp, index=False))
     return table
 
+
 def summarize_crops(table: pd.DataFrame, dst: Path) -> str:
     """What `fer-tune data faces` prints: counts, and the first images that gave no crop."""
     status = table["status"].value_counts()
@@ -67,6 +69,7 @@ def summarize_crops(table: pd.DataFrame, dst: Path) -> str:
         if len(listed) > 5:
             lines.append(f"  ... and {len(listed) - 5} more {kind}")
     return "\n".join(lines)
+
 
 def _check_crop_args(src: Path, dst: Path, margin: float, size: int) -> None:
     if not src.is_dir():

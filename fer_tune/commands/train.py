@@ -18,6 +18,7 @@ from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
 from fer_tune.spec import Spec
 
+
 def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
     """Train one config into `out`, evaluate its best epoch once on the test split, export it."""
     started = time.time()
@@ -68,6 +69,7 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
     write_report(out, say)
     return metrics
 
+
 class StepProgress:
     """A progress bar over one epoch's steps (shown on terminals only)."""
 
@@ -83,6 +85,7 @@ class StepProgress:
         self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if step == steps:
             self.bar.close()
+
 
 def format_epoch(m: dict, epochs: int) -> str:
     parts = [f"epoch {m['epoch']:>3}/{epochs}", f"loss {m['train_loss']:.4f}", f"train acc {m['train_accuracy']:.3f}"]

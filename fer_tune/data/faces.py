@@ -35,6 +35,7 @@ _DETECT_MIN_SIDE = 160   # ... and no smaller than this: tiny crops get enough p
 _DETECT_PAD = 0.25       # replicated border (share of the shorter side): finds faces that fill the frame
 _MAX_TILT = 30.0         # eye pairs tilted more than this are taken for a misdetection
 
+
 @dataclass(frozen=True)
 class Face:
     """A detected face: its box in the photo's pixels, and the rotation (degrees) that levels its eyes."""
@@ -45,6 +46,7 @@ class Face:
     h: int
     angle: float = 0.0
 
+
 def read_photo(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3), upright as a photo viewer shows it (EXIF orientation applied).
 
@@ -52,6 +54,7 @@ def read_photo(path: Path) -> np.ndarray:
     grayscale face becomes three equal channels); only the EXIF rotation of camera photos is extra.
     """
     return read_rgb(path, upright=True)
+
 
 class FaceDetector:
     """Haar cascade face finder; with `level_eyes`, also measures each face's eye tilt.
@@ -106,6 +109,7 @@ class FaceDetector:
         angle = math.degrees(math.atan2(ry - ly, rx - lx))
         return angle if abs(angle) <= _MAX_TILT else 0.0
 
+
 def crop_face(image: np.ndarray, face: Face, margin: float = DEFAULT_MARGIN) -> np.ndarray:
     """The square around `face`, grown by `margin` per side and levelled by `face.angle`, at native resolution.
 
@@ -126,16 +130,19 @@ def crop_face(image: np.ndarray, face: Face, margin: float = DEFAULT_MARGIN) -> 
     matrix[:, 2] += (side / 2 - cx, side / 2 - cy)
     return cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
+
 def resize_face(crop: np.ndarray, size: int) -> np.ndarray:
     """The cache's resize (`fer_tune.data.cache`): what training did to every image, done here too."""
     if crop.shape[:2] == (size, size):
         return crop
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
 
+
 def check_margin(margin: float) -> None:
     if not 0 <= margin <= 1:
         raise UserError(f"--margin {margin:g}: must be between 0 and 1 (share of the face box added "
                         f"on each side; {DEFAULT_MARGIN} is the default)")
+
 
 def _cascade(name: str) -> cv2.CascadeClassifier:
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, name))
@@ -144,6 +151,7 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
                         f"opencv-python-headless>=4.9,<5 (OpenCV 5 removed the Haar cascades)")
     return cascade
 
+
 def _drop_nested(boxes: Iterable[tuple]) -> list[tuple]:
     """Keep the larger of two boxes that mostly overlap: the cascade sometimes reports a face twice."""
     kept: list[tuple] = []
@@ -151,6 +159,7 @@ def _drop_nested(boxes: Iterable[tuple]) -> list[tuple]:
         if all(_overlap_of_smaller(box, other) < 0.5 for other in kept):
             kept.append(box)
     return kept
+
 
 def _overlap_of_smaller(a: tuple, b: tuple) -> float:
     ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))

@@ -88,6 +88,7 @@ def crop_face_box(image: np.ndarray, row, path: Path) -> np.ndarray:
         raise BadImage(path, f"face box {tuple(box)} lies outside the {width}x{height} image")
     return np.ascontiguousarray(image[y0:y1, x0:x1])
 
+
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively, sorted; hidden files and folders are skipped."""
     found = []
@@ -96,6 +97,7 @@ def list_images(folder: Path) -> list[Path]:
         found += [Path(parent) / f for f in sorted(files)
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
     return found
+
 
 def pil_format(path: Path) -> str:
     """The PIL format name for a file name's extension (PNG when unknown)."""

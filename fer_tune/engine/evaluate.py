@@ -54,6 +54,7 @@ def evaluate_split(model, split, labels, device, ci: bool = True, batch_size: in
     metrics = compute_metrics(split.targets(), preds, labels=labels, ci=ci)
     return metrics, preds
 
+
 def evaluate_on_test(spec: Spec, prepared: PreparedData, weights: dict, device, extra: dict,
                     report_dir: Path) -> dict:
     """The only place the test split is read: load it, evaluate once, write metrics.json."""
@@ -69,6 +70,7 @@ def evaluate_on_test(spec: Spec, prepared: PreparedData, weights: dict, device, 
     atomic_write_json(report_dir / "metrics.json", metrics)
     return metrics
 
+
 def predictions_table(split, preds: dict, labels: list[int]) -> pd.DataFrame:
     """One row per test image: targets, predicted class, class probabilities, valence, arousal."""
     targets = split.targets()
@@ -79,6 +81,7 @@ def predictions_table(split, preds: dict, labels: list[int]) -> pd.DataFrame:
         **{f"p_{name}": preds["expression"][:, i] for i, name in enumerate(EXPRESSIONS)},
         "valence": targets["valence"], "valence_pred": preds["valence"],
         "arousal": targets["arousal"], "arousal_pred": preds["arousal"]})
+
 
 def format_test(metrics: dict, out: Path) -> str:
     """What a command prints after the test: each measured task's metrics, and where they were written."""

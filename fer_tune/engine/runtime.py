@@ -29,6 +29,7 @@ OUTPUT_NAMES = ("probabilities", "valence", "arousal")
 TOLERANCE = 1e-4
 ONNX_EXTRA = "pip install 'fer-tune[onnx]'"
 
+
 class InferenceNet(nn.Module):
     """MultiTaskNet as a function of plain tensors: what every exported form computes."""
 
@@ -40,9 +41,11 @@ class InferenceNet(nn.Module):
         out = self.net(images)
         return F.softmax(out["expression"].float(), dim=1), out["valence"].float(), out["arousal"].float()
 
+
 def inference_net(trained: TrainedModel) -> InferenceNet:
     """The PyTorch model of a trained model.pt as `InferenceNet`, in eval mode."""
     return InferenceNet(trained.network()).eval()
+
 
 class TorchRuntime:
     """A model.pt (as `InferenceNet`) or a model.ts: float32 (N, 3, S, S) numpy in, numpy outputs out."""
@@ -54,6 +57,7 @@ class TorchRuntime:
     def __call__(self, images):
         outputs = self.module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
         return tuple(o.float().numpy() for o in outputs)
+
 
 class OnnxRuntime:
     """A model.onnx through onnxruntime on the CPU, called like `TorchRuntime`."""
@@ -75,6 +79,7 @@ class OnnxRuntime:
         outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
         return tuple(np.asarray(o, dtype=np.float32) for o in outputs)
 
+
 def load_runtime(model_path: Path):
     """The model at `model_path` (folder, model.pt, model.ts or model.onnx), ready to run on the CPU.
 
@@ -93,10 +98,12 @@ def load_runtime(model_path: Path):
         return TorchRuntime(module, trained.image_size)
     return TorchRuntime(inference_net(trained), trained.image_size)
 
+
 def load_torchscript(path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, not the user's concern
         return torch.jit.load(str(path), map_location="cpu").eval()
+
 
 def require_onnx(*names: str) -> dict:
     """The named ONNX packages (exporting needs onnx and onnxscript, running onnxruntime), or a

@@ -29,6 +29,7 @@ from fer_tune.specfile import read_spec
 
 TOP_TRIALS = 5
 
+
 @dataclass
 class Experiment:
     """What a finished experiment folder holds, read back."""
@@ -53,6 +54,7 @@ class Experiment:
     def label_names(self) -> list[str]:
         return [EXPRESSIONS[i] for i in self.metrics.get("labels", range(len(EXPRESSIONS)))]
 
+
 def load_experiment(out: Path) -> Experiment:
     out = Path(out)
     metrics_file = out / REPORT_DIR / "metrics.json"
@@ -76,20 +78,24 @@ def load_experiment(out: Path) -> Experiment:
     return Experiment(out, spec, metrics, table("trials.csv"), table("history.csv"),
                       table("test_predictions.csv"), confusions)
 
+
 def top_trials(exp: Experiment, n: int = TOP_TRIALS) -> Optional[pd.DataFrame]:
     if not exp.is_search:
         return None
     ok = exp.trials[exp.trials["stop_reason"] != "errored"]
     return ok.sort_values("best_objective", ascending=False).head(n)
 
+
 def trial_label(exp: Experiment, row) -> str:
     values = ", ".join(f"{p.split('.')[-1]}={fmt_value(row[p])}" for p in exp.params[:3] if p in row)
     return f"{row['trial_id']} ({values})" if values else str(row["trial_id"])
+
 
 def best_spec(exp: Experiment) -> Spec:
     """The exported best config (a search's winner), or the experiment's own spec without one."""
     config = exp.out / BEST_DIR / CONFIG_FILE
     return read_spec(config) if config.is_file() else exp.spec
+
 
 def write_history(report_dir: Path, histories: dict[str, list[dict]], confusions: dict[str, dict]) -> None:
     """Per-epoch metrics of every trial (history.csv) and each one's best val confusion matrix."""
@@ -97,6 +103,7 @@ def write_history(report_dir: Path, histories: dict[str, list[dict]], confusions
             for trial_id, epochs in histories.items() for epoch in epochs]
     atomic_write_text(report_dir / "history.csv", pd.DataFrame(rows).to_csv(index=False))
     atomic_write_json(report_dir / "val_confusion.json", confusions)
+
 
 def fmt_value(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -164,6 +164,7 @@ def save(figure, path) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(figure)
 
+
 def write_plots(exp: Experiment, report_dir: Path) -> list[tuple[str, str]]:
     """Every figure the data allow, as (caption, file name)."""
     from sklearn.metrics import confusion_matrix

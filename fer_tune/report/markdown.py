@@ -20,6 +20,7 @@ TRIAL_METRICS = (("epochs", "epochs"), ("stop_reason", "outcome"), ("best_object
                  ("val_valence_ccc", "val V-CCC"), ("val_arousal_ccc", "val A-CCC"),
                  ("train_accuracy", "train acc"))
 
+
 def render_markdown(exp: Experiment, plots: list[tuple[str, str]], importances: dict, why_not: str) -> str:
     m, spec = exp.metrics, exp.spec
     data = m.get("data", {})
@@ -73,6 +74,7 @@ def render_markdown(exp: Experiment, plots: list[tuple[str, str]], importances: 
               + ("; Optuna: `optuna-dashboard sqlite:///" + str(exp.out / "optuna.db") + "`" if exp.is_search else "")]
     return "\n".join(lines) + "\n"
 
+
 def how_found(exp: Experiment) -> list[str]:
     m, spec = exp.metrics, exp.spec
     wall = fmt_duration(m.get("wall_seconds"))
@@ -93,8 +95,10 @@ def how_found(exp: Experiment) -> list[str]:
             f"- Best trial `{m.get('best_trial')}`: val objective {objective:.4f} at epoch {m.get('best_epoch')} "
             f"(objective: {objective_text(spec)})."]
 
+
 def objective_text(spec: Spec) -> str:
     return " + ".join(f"{w:g}·{name}" for name, w in spec.search.objective.items()) + ", normalised by the weights"
+
 
 def best_values_table(exp: Experiment) -> list[str]:
     best = best_spec(exp)
@@ -111,6 +115,7 @@ def best_values_table(exp: Experiment) -> list[str]:
         lines.append(f"| {key} | {fmt_value(value)} | {'; '.join(describe_entry(e) for e in entries)} |")
     return lines
 
+
 def describe_entry(entry) -> str:
     for kind in ("choice", "uniform", "loguniform", "int"):
         bounds = getattr(entry, kind)
@@ -120,6 +125,7 @@ def describe_entry(entry) -> str:
                 text += " when " + ", ".join(f"{k} in {v}" for k, v in entry.when.items())
             return text
     return "?"
+
 
 def test_tables(m: dict) -> list[str]:
     ci = m.get("ci95", {})
@@ -141,6 +147,7 @@ def test_tables(m: dict) -> list[str]:
         lines.append(f"Not measured (the data have no labels for them): {', '.join(m['missing_tasks'])}.")
     return lines
 
+
 def gap_table(m: dict) -> list[str]:
     train = m.get("train_accuracy")
     val = (m.get("val") or {}).get("expression_accuracy")
@@ -150,6 +157,7 @@ def gap_table(m: dict) -> list[str]:
     return ["| train (best epoch) | val | test | train − val | train − test |", "|---|---|---|---|---|",
             f"| {train:.3f} | {val:.3f} | {test:.3f} | {100 * (train - val):+.1f} pts | {100 * (train - test):+.1f} pts |",
             "", "Train accuracy is measured on the augmented training batches of the best epoch, with dropout on."]
+
 
 def trials_table(exp: Experiment, rows: pd.DataFrame) -> list[str]:
     headers = ["trial", *exp.params, *(name for _, name in TRIAL_METRICS), "train − val"]
@@ -161,6 +169,7 @@ def trials_table(exp: Experiment, rows: pd.DataFrame) -> list[str]:
                  f"{100 * gap:+.1f} pts" if math.isfinite(gap) else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
 
 def compare_experiments(folders: list[Path]) -> str:
     """The test tables of several experiments side by side (markdown)."""
@@ -178,8 +187,10 @@ def compare_experiments(folders: list[Path]) -> str:
             lines.append(f"| {task} {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
 def best_backbone(exp: Experiment) -> str:
     return best_spec(exp).model.backbone
+
 
 def with_ci(value, interval) -> str:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -187,6 +198,7 @@ def with_ci(value, interval) -> str:
     if interval and all(isinstance(x, (int, float)) and math.isfinite(x) for x in interval):
         return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
     return f"{value:.3f}"
+
 
 def fmt_duration(seconds) -> str:
     if not isinstance(seconds, (int, float)):

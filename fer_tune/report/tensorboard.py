@@ -109,6 +109,7 @@ def write_confusion_image(folder: Path, matrix, labels: list[str], step: int, ti
     with SummaryWriter(str(folder), filename_suffix=REPORT_SUFFIX) as writer:
         writer.add_figure("val/confusion_matrix", figure, global_step=int(step), close=True)
 
+
 def write_tensorboard(exp: Experiment) -> None:
     """HParams (searches) and each trial's best-epoch validation confusion matrix."""
     logdir = exp.out / "tensorboard"
@@ -130,6 +131,7 @@ def write_tensorboard(exp: Experiment) -> None:
                   for i in exp.metrics.get("labels", range(8))]
         write_confusion_image(folder, matrix, labels, confusion["epoch"],
                               f"val confusion, best epoch {confusion['epoch']}")
+
 
 def write_curves(logdir: Path, history: pd.DataFrame) -> None:
     """Each trial's curves from history.csv, replacing the ones logged live during the search.

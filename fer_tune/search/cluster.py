@@ -15,6 +15,7 @@ from fer_tune.spec import Spec
 ANNOUNCED_BY_US = "FER_TUNE_RAY_API_SERVER_ADDRESS"
 """The environment variable that holds the RAY_API_SERVER_ADDRESS fer-tune set (see `local_dashboard`)."""
 
+
 def connect_ray(address: Optional[str], verbose: int) -> bool:
     """Join the cluster at `address` (else $RAY_ADDRESS), or start one here; True if joined.
 
@@ -51,6 +52,7 @@ def connect_ray(address: Optional[str], verbose: int) -> bool:
         raise UserError(f"{given} {address}: {str(err).strip().splitlines()[0]}") from None  # Ray's first line says it
     return joined
 
+
 @contextlib.contextmanager
 def ctrl_c_reaches_only_the_driver(started_here: bool):
     """Start Ray's processes with SIGINT ignored (inherited by every worker they spawn).
@@ -69,6 +71,7 @@ def ctrl_c_reaches_only_the_driver(started_here: bool):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
 
 def local_dashboard() -> dict:
     """A dashboard port for the Ray this search starts, announced to all its processes.
@@ -91,6 +94,7 @@ def local_dashboard() -> dict:
     os.environ[ANNOUNCED_BY_US] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     return {"dashboard_port": port}
 
+
 def _unreachable(address: str) -> Optional[str]:
     """Why nothing listens at HOST:PORT, or None. Checked first because ray.init would retry a
     wrong address for minutes."""
@@ -104,6 +108,7 @@ def _unreachable(address: str) -> Optional[str]:
             return None
     except OSError as err:
         return err.strerror or str(err) or type(err).__name__
+
 
 def _worker_env(joined: bool = True) -> dict:
     """Environment of every Ray worker of this search.
@@ -122,6 +127,7 @@ def _worker_env(joined: bool = True) -> dict:
     taken = (job.get("runtime_env") or {}).get("env_vars") or {}
     return {name: os.environ.get(name, value) for name, value in wanted.items() if name not in taken}
 
+
 def driver_node_resource() -> str:
     """A resource that only the driver's node has: the head's own, else the node's address."""
     import ray
@@ -130,6 +136,7 @@ def driver_node_resource() -> str:
     node = next(n for n in ray.nodes() if n["NodeID"] == here)
     head = "node:__internal_head__"
     return head if head in node["Resources"] else f"node:{node['NodeManagerAddress']}"
+
 
 def train_storage(spec: Spec, out: Path) -> str:
     """Where the trials' Ray Train runs (checkpoints) go: DIR/train, or under search.storage.
@@ -140,6 +147,7 @@ def train_storage(spec: Spec, out: Path) -> str:
     if spec.search.storage is None:
         return str(out / "train")
     return f"{spec.search.storage}/{out.name}/train"
+
 
 def check_storage(location: str) -> None:
     """Fail before any training when `search.storage` cannot be written (as Ray Train writes it)."""
@@ -157,6 +165,7 @@ def check_storage(location: str) -> None:
         hint = "check the URI and this machine's cloud credentials" if "://" in location else "choose another path"
         raise UserError(f"search.storage: cannot write to {location} ({reason}); {hint}") from None
 
+
 def note_multi_node_storage(location: str) -> None:
     import ray
 
@@ -164,6 +173,7 @@ def note_multi_node_storage(location: str) -> None:
     if nodes > 1 and "://" not in location:
         print(f"note: {nodes} Ray nodes: trial checkpoints go to {location} on the node of each trial's "
               f"first worker; unless that is a shared filesystem, set --storage s3://... or gs://...")
+
 
 def placement(spec: Spec, joined: bool = False) -> tuple[bool, int]:
     """(use GPUs?, trials that fit at once) from what the cluster has and one trial takes.

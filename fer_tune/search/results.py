@@ -15,6 +15,7 @@ from fer_tune.search.space import spec_path
 from fer_tune.search.trial import CHECKPOINT_FILE, METRIC
 from fer_tune.spec import Spec
 
+
 def trial_table(spec: Spec, results) -> pd.DataFrame:
     rows = []
     for result in results:
@@ -42,6 +43,7 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
+
 def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
     """Each trial's per-epoch loop metrics (Tune's own bookkeeping columns left out)."""
     histories = {}
@@ -55,6 +57,7 @@ def trial_histories(trials: pd.DataFrame, results) -> dict[str, list[dict]]:
         keep = [c for c in frame.columns if c in ("epoch", "best_epoch", "resumed_from_epoch") or scalar_tag(c)]
         histories[str(trial_id)] = frame[keep].dropna(subset=["epoch"]).to_dict("records")
     return histories
+
 
 def trial_confusions(trials: pd.DataFrame) -> dict[str, dict]:
     """Each trial's validation confusion matrix at its best epoch, from its last checkpoint."""
@@ -71,6 +74,7 @@ def trial_confusions(trials: pd.DataFrame) -> dict[str, dict]:
             confusions[str(row["trial_id"])] = {"epoch": int(state["best_epoch"]), "matrix": matrix}
     return confusions
 
+
 def last_result(result) -> dict:
     """A trial's last reported metrics and, as `checkpoint_path`, where its last checkpoint is
     (TuneReportCallback adds that for a TorchTrainer; an in-trial checkpoint is Tune's own)."""
@@ -78,6 +82,7 @@ def last_result(result) -> dict:
     if not metrics.get("checkpoint_path") and result.checkpoint is not None:
         metrics["checkpoint_path"] = result.checkpoint.path
     return metrics
+
 
 def newest_local_state(last: dict) -> Optional[dict]:
     """The newest checkpoint of a trial (its Train run's, or in-trial Tune's), when local (else None).
@@ -102,6 +107,7 @@ def newest_local_state(last: dict) -> Optional[dict]:
         return None
     return {**state, "checkpoint_path": str(newest[-1].parent)}
 
+
 def newer_local_epoch(last: dict) -> dict:
     """The trial's last result, from its newest checkpoint when Tune's record stops short."""
     state = newest_local_state(last)
@@ -109,10 +115,12 @@ def newer_local_epoch(last: dict) -> dict:
         return last
     return {**last, **state["history"][-1], "checkpoint_path": state["checkpoint_path"]}
 
+
 def checkpoint_location(storage: Optional[str], fs_path: str) -> str:
     """A checkpoint's URI: Ray reports its path on the storage's filesystem, without the scheme."""
     scheme = storage.split("://", 1)[0] if storage and "://" in storage else "file"
     return fs_path if scheme == "file" or not fs_path else f"{scheme}://{fs_path}"
+
 
 def read_checkpoint(location: str) -> dict:
     """A trial checkpoint's state, read in place or fetched from the storage URI it lives at."""

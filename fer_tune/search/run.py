@@ -45,6 +45,7 @@ from fer_tune.specfile import read_spec
 STOPPING = "FER_TUNE_SEARCH_STOPPING"
 """Set in the driver's environment while a Ctrl-C stops the search (see `StudySearch`)."""
 
+
 def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[str] = None,
                verbose: int = 1) -> dict:
     import optuna
@@ -115,6 +116,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
                                 f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
     return finish(spec, out, results, prepared, time.time() - started)
 
+
 class StudySearch(OptunaSearch):
     """OptunaSearch that leaves the trials a Ctrl-C stops unfinished in the Optuna study.
 
@@ -132,6 +134,7 @@ class StudySearch(OptunaSearch):
         if os.environ.get(STOPPING):
             return
         super().on_trial_complete(trial_id, result=result, error=error)
+
 
 @contextlib.contextmanager
 def ctrl_c_stops_gracefully():
@@ -172,6 +175,7 @@ def ctrl_c_stops_gracefully():
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_setting
 
+
 def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
     """Test the best trial's best epoch once, write trials.csv and export best/."""
     trials = trial_table(spec, results)
@@ -199,6 +203,7 @@ def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
     write_history(out / "report", trial_histories(trials, results), trial_confusions(trials))
     write_report(out)
     return metrics
+
 
 class TrialCurves(TBXLoggerCallback):
     """Tune's TensorBoard logger, replaced: clean tags (val/expression_f1, not ray/tune/...) and
@@ -230,6 +235,7 @@ class TrialCurves(TBXLoggerCallback):
         writer = self._writers.pop(trial.trial_id, None)
         if writer is not None:
             writer.close()
+
 
 def _check_same_experiment(spec: Spec, out: Path, resume: bool) -> None:
     saved = out / "spec.yaml"

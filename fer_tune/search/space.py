@@ -15,6 +15,7 @@ from fer_tune.spec import Spec, SpaceEntry
 if TYPE_CHECKING:
     import optuna
 
+
 def param_name(key: str, entry: SpaceEntry) -> str:
     """Optuna parameter name: the spec path, plus the condition for conditional entries.
 
@@ -26,8 +27,10 @@ def param_name(key: str, entry: SpaceEntry) -> str:
     cond = ",".join(f"{k}={'|'.join(map(str, v))}" for k, v in sorted(entry.when.items()))
     return f"{key}[{cond}]"
 
+
 def spec_path(name: str) -> str:
     return name.split("[", 1)[0]
+
 
 class SpaceSampler:
     """Optuna define-by-run sampler of a spec's space; conditions are resolved in dependency order.
@@ -61,6 +64,7 @@ class SpaceSampler:
                     continue
                 values[key] = suggest(trial, param_name(key, entry), entry)
 
+
 def suggest(trial, name: str, entry: SpaceEntry) -> Any:
     if entry.choice is not None:
         return trial.suggest_categorical(name, entry.choice)
@@ -70,8 +74,10 @@ def suggest(trial, name: str, entry: SpaceEntry) -> Any:
         return trial.suggest_float(name, *entry.loguniform, log=True)
     return trial.suggest_int(name, *entry.int, log=entry.log)
 
+
 def trial_spec(spec: Spec, config: dict) -> Spec:
     return spec.with_values({spec_path(k): v for k, v in config.items()})
+
 
 def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler `search.searcher` names; says so when TPE would never get past its random start."""

@@ -33,6 +33,7 @@ METRIC = "best_objective"
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
+
 def train_worker(config: dict) -> None:
     """One Ray Train worker: `fit()` with `ray.train.report` as its report callback."""
     import ray.train
@@ -43,6 +44,7 @@ def train_worker(config: dict) -> None:
     train_and_report(config, rank=ray.train.get_context().get_world_rank(), device=ray.train.torch.get_device(),
                      checkpoint=ray.train.get_checkpoint(), report_to=ray.train.report,
                      checkpoint_from=ray.train.Checkpoint.from_directory)
+
 
 def train_and_report(config: dict, rank: int, device, checkpoint, report_to, checkpoint_from) -> Optional[str]:
     """`fit()` resumed from `checkpoint`, reporting every epoch through `report_to` (rank 0 with a
@@ -84,6 +86,7 @@ def train_and_report(config: dict, rank: int, device, checkpoint, report_to, che
         return str(err)
     return None
 
+
 def worker_data(spec: Spec, config: dict) -> PreparedData:
     """The trial's data as this worker's node sees it.
 
@@ -104,10 +107,12 @@ def worker_data(spec: Spec, config: dict) -> PreparedData:
     return PreparedData(spec.data, Path(config["experiment_dir"]), shipped["tables"], info["tasks"],
                         info["labels"], info, cache_root=None if on_driver_node else node_cache_dir())
 
+
 def node_cache_dir() -> Path:
     """Where a node other than the driver's keeps its image caches: $FER_TUNE_CACHE_DIR, else
     ~/.cache/fer-tune. Cache names fingerprint split, source and size, so experiments share it."""
     return Path(os.environ.get("FER_TUNE_CACHE_DIR") or Path.home() / ".cache" / "fer-tune").expanduser()
+
 
 def require_dataset_here(raw_spec: dict) -> None:
     """Say which node lacks the dataset, before its cache tries to read it.
@@ -122,6 +127,7 @@ def require_dataset_here(raw_spec: dict) -> None:
         raise FileNotFoundError(f"data.root {data['root']} does not exist on node {ray.util.get_node_ip_address()}: "
                                 f"every node of the cluster needs the dataset at the same path")
 
+
 def worker_nodes() -> list[str]:
     """The Ray node id of every rank, gathered over the trial's process group: where its
     workers really ran (reported with every epoch as `worker_nodes`)."""
@@ -135,6 +141,7 @@ def worker_nodes() -> list[str]:
     dist.all_gather_object(nodes, mine)
     return nodes
 
+
 def scaling_config(res: ResourcesSpec, use_gpu: bool):
     """One trial's workers: one GPU each when GPUs are used; packed onto as few nodes as possible
     (collectives stay on a machine) unless `resources.placement: spread` asks for one per node."""
@@ -143,6 +150,7 @@ def scaling_config(res: ResourcesSpec, use_gpu: bool):
     return ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
                          resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
                          placement_strategy="SPREAD" if res.placement == "spread" else "PACK")
+
 
 def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, data, driver_node: str,
                in_trial: bool = False):
@@ -193,12 +201,14 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, da
         return trial_in_process
     return trial
 
+
 def fail_if_diverged(why: Optional[str]) -> None:
     """Fail the trial (it stays errored) when its training diverged."""
     if why:
         from fer_tune.engine.loop import TrainingDiverged  # deferred: see train_and_report
 
         raise TrainingDiverged(why)
+
 
 def trains_in_trial(spec: Spec, joined: bool) -> bool:
     """Whether each trial trains in its own Tune process rather than through a TorchTrainer.
@@ -213,6 +223,7 @@ def trains_in_trial(spec: Spec, joined: bool) -> bool:
     if res.trainer != "auto":
         return res.trainer == "in_trial"
     return not joined and res.workers_per_trial == 1 and spec.search.storage is None
+
 
 def wait_for_resources(cpus: float, gpus: float, timeout: float = 600.0) -> None:
     """Wait until the previous trial's workers have released what this trial needs.
@@ -234,6 +245,7 @@ def wait_for_resources(cpus: float, gpus: float, timeout: float = 600.0) -> None
         if free.get("CPU", 0) >= cpus - 1e-6 and free.get("GPU", 0) >= gpus - 1e-6:
             return
         time.sleep(0.5)
+
 
 class ReportsToTune:
     """Rank 0's metrics of every Train report, forwarded to the Tune trial that runs the TorchTrainer.
@@ -280,6 +292,7 @@ class ReportsToTune:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
+
 
 class _ReportCallback(UserCallback):
     """The Train-side half of `ReportsToTune`: runs in the Train controller."""
