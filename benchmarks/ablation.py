@@ -32,7 +32,7 @@ from scipy import stats
 from fer_tune.data.prepare import prepare_data
 from fer_tune.engine.loop import fit
 from fer_tune.spec import Spec, parse_override
-from fer_tune.specfile import load_spec
+from fer_tune.specfile import check_spec, load_spec
 from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import evaluate_on_test
 
@@ -120,7 +120,7 @@ def run_dataset(base: Spec, dataset: str, options: dict[str, list[str]], seeds: 
             if (out / "metrics.json").exists():
                 results.setdefault(name, []).append(json.loads((out / "metrics.json").read_text()))
                 continue
-            spec = base.with_values({**values, "train.seed": seed})
+            spec = check_spec(base.with_values({**values, "train.seed": seed}), source=name)  # e.g. the teacher exists
             started = time.time()
             result = fit(spec, train, val, prepared.labels, lambda metrics, checkpoint: None, device=device)
             metrics = evaluate_on_test(spec, prepared, result.best_model, device, report_dir=out, extra={

@@ -87,16 +87,16 @@ class Bench:
 
 
 def backbone_of(experiment: Path) -> str:
-    from fer_tune.specfile import load_spec
+    from fer_tune.specfile import read_spec
 
     best = experiment / "best" / "config.yaml"
-    return load_spec(best if best.is_file() else experiment / "spec.yaml").model.backbone
+    return read_spec(best if best.is_file() else experiment / "spec.yaml").model.backbone
 
 
 def val_objective(experiment: Path, metrics: dict) -> float:
-    from fer_tune.specfile import load_spec
+    from fer_tune.specfile import read_spec
 
-    return load_spec(experiment / "spec.yaml").search.score(metrics.get("val", {}))
+    return read_spec(experiment / "spec.yaml").search.score(metrics.get("val", {}))
 
 
 def with_ci(metrics: dict, key: str) -> str:

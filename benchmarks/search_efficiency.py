@@ -148,13 +148,13 @@ def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFram
     """
     from fer_tune.errors import UserError
     from fer_tune.spec import describe_differences
-    from fer_tune.specfile import load_spec
+    from fer_tune.specfile import load_spec, read_spec
 
     folder = source / f"seed{seed}" / "random"
     if not (folder / "report" / "metrics.json").is_file():
         raise SystemExit(f"--random-from: {folder} holds no finished random search (no report/metrics.json)")
     try:
-        before = load_spec(folder / "spec.yaml").model_dump(mode="json")
+        before = read_spec(folder / "spec.yaml").model_dump(mode="json")
     except UserError as err:
         raise SystemExit(f"--random-from: {err}") from None
     now = load_spec(spec_file, ray_sets("random", seed, args)).model_dump(mode="json")

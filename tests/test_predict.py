@@ -148,7 +148,15 @@ def test_bad_inputs_are_one_line_and_exit_2(experiment, tmp_path, capsys, monkey
     (tmp_path / "lonely").mkdir()
     (tmp_path / "lonely" / "model.ts").write_bytes(b"not a model")
     (experiment / "best" / "broken.ts").write_bytes(b"not a model")
+    renamed = tmp_path / "renamed" / "best"  # a config.yaml whose backbone this timm does not know
+    renamed.mkdir(parents=True)
+    (renamed / "model.pt").write_bytes((experiment / "best" / "model.pt").read_bytes())
+    (renamed / "config.yaml").write_text((experiment / "best" / "config.yaml").read_text().replace(
+        "backbone: test_resnet", "backbone: test_resnet_v9"))
     cases = {
+        ("predict", str(renamed.parent), str(photo)): "unknown timm backbone 'test_resnet_v9'",
+        ("export", str(renamed.parent)): "unknown timm backbone 'test_resnet_v9'",
+        ("evaluate", str(renamed.parent)): "unknown timm backbone 'test_resnet_v9'",
         ("predict", str(tmp_path / "nope"), str(photo)): "does not exist",
         ("predict", str(experiment), str(tmp_path / "missing.jpg")): "no such file or folder",
         ("predict", str(experiment), str(tmp_path / "empty")): "no images",

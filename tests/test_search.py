@@ -115,6 +115,11 @@ def test_search_outcome(searched):
     assert "became nan" in errored["error"].iloc[0]
     healthy = trials[trials["stop_reason"] != "errored"]
     assert (healthy["stop_reason"] == "stopped by ASHA").sum() >= 1
+    # the first trial ran the recipe the spec itself states (search.start_from_spec)
+    own = trials[trials["recipe"] == "your spec"]
+    assert len(own) == 1 and trials["recipe"].astype(object).fillna("").eq("").sum() == 3
+    assert own[["model.backbone", "train.optimizer", "train.lr", "model.dropout"]].iloc[0].tolist() == [
+        "resnet10t", "adamw", 3e-3, 0.1]
     assert set(healthy["stop_reason"]) <= {"completed", "stopped by ASHA"}
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'optuna.db'}")
@@ -127,26 +132,45 @@ def test_search_outcome(searched):
     assert metrics["trials"] == 4 and metrics["best_trial"] in set(trials["trial_id"])
     best = load_spec(out / "best" / "config.yaml")
     assert best.space == {}
+    # the finalists (the 2 best trials) ran at full budget with another seed; the winner has the best mean
+    finalists = pd.read_csv(out / "report" / "finalists.csv")
+    assert len(metrics["finalists"]) == 2 and sum(f["winner"] for f in metrics["finalists"]) == 1
+    assert all(f["runs"] >= 2 and len(set(f["seeds"])) == f["runs"] for f in metrics["finalists"])
+    top = max(metrics["finalists"], key=lambda f: f["mean"])
+    assert top["winner"] and metrics["best_trial"] == top["trial_id"]
+    assert finalists["winner"].sum() == 1 and set(finalists["trial_id"].astype(str)) >= {
+        f["trial_id"] for f in metrics["finalists"]}
+    # found vs your recipe, both tested on the same faces after the selection
+    comparison = metrics["comparison"]
+    assert comparison.get("same") or {"difference", "ci95", "mcnemar", "your_recipe"} <= set(comparison)
+    report = (out / "report" / "report.md").read_text()
+    assert "## Found recipe vs your recipe" in report and "## Finalists: re-trained at full budget" in report
     assert torch.load(out / "best" / "model.pt", weights_only=True)["labels"] == list(range(8))
 
 
 def test_exported_config_reproduces_the_best_trial(searched, tmp_path):
+    """best/ holds the winning run (a search trial or a finalist's re-run with another seed): its
+    config.yaml, seed included, trains the same model again."""
     _, out = searched
-    trials = pd.read_csv(out / "report" / "trials.csv")
-    best = trials.loc[trials["best_objective"].idxmax()]
+    searched_metrics = json.loads((out / "report" / "metrics.json").read_text())
+    finalists = pd.read_csv(out / "report" / "finalists.csv")
+    winner = finalists[finalists["winner"]].iloc[0]
+    assert load_spec(out / "best" / "config.yaml").train.seed == winner["seed"] == searched_metrics["best_seed"]
     assert main(["train", str(out / "best" / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "report" / "metrics.json").read_text())
-    assert again["best_epoch"] == best["best_epoch"]
-    assert again["val"]["expression_f1"] == pytest.approx(best["val_expression_f1"], abs=1e-6)
-    assert again["val"]["valence_ccc"] == pytest.approx(best["val_valence_ccc"], abs=1e-5)
+    assert again["best_epoch"] == searched_metrics["best_epoch"]
+    assert again["val"]["expression_f1"] == pytest.approx(searched_metrics["val"]["expression_f1"], abs=1e-6)
+    assert again["val"]["valence_ccc"] == pytest.approx(searched_metrics["val"]["valence_ccc"], abs=1e-5)
+    assert again["expression"]["accuracy"] == pytest.approx(searched_metrics["expression"]["accuracy"], abs=1e-6)
 
 
 def test_test_split_untouched_until_final_evaluation(searched):
     _, out = searched
     test_cache = [p for p in (out / "cache").glob("test_*px_*.npy") if ".kept" not in p.name]
     assert len(test_cache) == 1
-    trial_files = list(out.rglob("checkpoint.pt"))  # each trial's, wherever its trainer keeps them
-    assert len({p.parent.parent for p in trial_files}) == 4
+    trial_files = list(out.rglob("checkpoint.pt"))  # each trial's and final run's, wherever kept
+    final_runs = json.loads((out / "report" / "metrics.json").read_text())["final_runs"]
+    assert final_runs >= 1 and len({p.parent.parent for p in trial_files}) == 4 + final_runs
     # the test images were decoded (first read) only after every trial had written its last file
     assert test_cache[0].stat().st_mtime >= max(p.stat().st_mtime for p in trial_files)
 
@@ -247,6 +271,10 @@ def test_interrupted_and_killed_driver_resume_and_keep_finished_trials(tmp_path)
     history = pd.read_csv(out / "report" / "history.csv")
     assert history["resumed_from_epoch"].max() >= 1  # a running trial went on from its checkpoint
     assert len(completed()) == 3
+    # the spec's own recipe ran once: the resumed searches did not queue it again
+    assert len(optuna.load_study(study_name="resume", storage=storage).trials) == 3
+    assert trials["recipe"].astype(object).fillna("").tolist().count("your spec") == 1
+    assert trials.loc[trials["recipe"] == "your spec", "model.dropout"].tolist() == [0.1]
 
 
 @pytest.mark.parametrize("trainer, process", [("torch_trainer", "ray::RayTrainWorker"),

@@ -100,3 +100,91 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tiny_spec):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.epochs" in lines[0], result.stderr
+
+
+OPTIMIZER_SPACE = {"train.optimizer": {"choice": ["adamw", "sgd"]},
+                   "train.lr": [{"loguniform": [1.0e-4, 1.0e-2], "when": {"train.optimizer": "adamw"}},
+                                {"loguniform": [1.0e-3, 1.0e-1], "when": {"train.optimizer": "sgd"}}],
+                   "train.momentum": {"uniform": [0.8, 0.95], "when": {"train.optimizer": "sgd"}}}
+
+
+def recipes_spec(tmp_path, train=None, **search):
+    return write_spec(tmp_path / "recipes.yaml", space=OPTIMIZER_SPACE, search={"num_samples": 3, **search},
+                      train={"epochs": 2, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0, **(train or {})})
+
+
+@pytest.mark.parametrize("train, search, expected", [
+    ({}, {"points": [{"train.momentum": 0.9}]},
+     "search.points[0]: 'train.momentum' is sampled only when train.optimizer in ['sgd'], which this recipe "
+     "does not have"),
+    ({}, {"points": [{"model.dropout": 0.3}]}, "search.points[0]: 'model.dropout' is not a field of space:"),
+    ({}, {"points": [{"train.optimizer": "sgd", "train.lr": 5.0}]},
+     "search.points[0]: train.lr 5.0 lies outside the entry's loguniform [0.001, 0.1]"),
+    ({}, {"points": [{"train.optimizer": "rmsprop"}]},
+     "search.points[0]: train.optimizer: Input should be 'adamw' or 'sgd'"),
+    ({}, {"points": [{"train.optimizer": "sgd"}, {"train.optimizer": "sgd", "train.lr": 0.01}, {}]},
+     "search.points: 4 known recipes to run first (the spec itself and 3 points) but search.num_samples is 3"),
+    ({"lr": 0.5}, {"start_from_spec": True},
+     "search.start_from_spec: the spec's own train.lr 0.5 lies outside the entry's loguniform [0.0001, 0.01]; "
+     "add it to the entry, or set search.start_from_spec: false"),
+    ({"optimizer": "sgd", "lr": 0.01, "momentum": 0.99}, {"start_from_spec": True},
+     "search.start_from_spec: the spec's own train.momentum 0.99 lies outside the entry's uniform [0.8, 0.95]"),
+])
+def test_known_recipes_must_be_ones_the_space_can_run(tmp_path, train, search, expected):
+    path = recipes_spec(tmp_path, train, **search)
+    message = error_of(path)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_known_recipes_pass_when_they_fit(tmp_path, tiny_spec):
+    from fer_tune.search.space import known_recipes
+
+    # by default a spec whose own values the space cannot draw just does not start from them
+    unfit = load_spec(recipes_spec(tmp_path, {"lr": 0.5}))
+    assert known_recipes(unfit) == [] and "train.lr 0.5 lies outside" in unfit.own_recipe_problem()
+    point = {"train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9}
+    spec = load_spec(recipes_spec(tmp_path, points=[point]))
+    assert known_recipes(spec) == [
+        ("your spec", {"train.optimizer": "adamw", "train.lr[train.optimizer=adamw]": 3e-3}),
+        ("search.points[0]", {"train.optimizer": "sgd", "train.lr[train.optimizer=sgd]": 0.01,
+                              "train.momentum[train.optimizer=sgd]": 0.9})]
+    assert spec.with_values({}).search.points == []  # a trial's (or best/'s) config has no recipes to run
+    assert "search.points: a spec without a space" in error_of(tiny_spec, "search.points=[{train.lr: 0.01}]")
+
+
+def test_the_searcher_runs_the_known_recipes_first_and_exactly(tmp_path):
+    """Enqueued in the Optuna study, each recipe is the next trial the define-by-run sampler runs."""
+    import optuna
+
+    from fer_tune.search.space import SpaceSampler, known_recipes
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    point = {"train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9}
+    spec = load_spec(recipes_spec(tmp_path, points=[point], num_samples=4))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    for _, params in known_recipes(spec):
+        study.enqueue_trial(params)
+    sampler = SpaceSampler(spec)
+    for _ in range(4):
+        trial = study.ask()
+        sampler(trial)
+        study.tell(trial, trial.params.get("train.lr[train.optimizer=adamw]", 0.0))
+    assert [t.params for t in study.trials[:2]] == [params for _, params in known_recipes(spec)]
+    assert all(t.params not in [p for _, p in known_recipes(spec)] for t in study.trials[2:])
+
+
+@pytest.mark.parametrize("name, backbone, weight_decay", [("regularization", "efficientnet_b0", 1e-5),
+                                                          ("resnet50_fix", "resnet50", 1e-6)])
+def test_the_fer2013_spaces_start_from_the_reports_recipe(name, backbone, weight_decay):
+    from fer_tune.search.space import known_recipes
+
+    sets = ["data.source=synthetic"]
+    report = load_spec(REPO / "search_spaces" / "report_baseline.yaml", [*sets, f"model.backbone={backbone}"])
+    spec = load_spec(REPO / "search_spaces" / f"{name}.yaml", sets)
+    assert [label for label, _ in known_recipes(spec)] == ["your spec"]
+    assert spec.search.finalists >= 3
+    for section in ("model", "train", "augment", "loss"):
+        mine, theirs = getattr(spec, section).model_dump(), getattr(report, section).model_dump()
+        if section == "train":  # the one stand-in: a log-scale entry cannot draw the report's 0
+            assert (mine.pop("weight_decay"), theirs.pop("weight_decay")) == (weight_decay, 0.0)
+        assert mine == theirs, section

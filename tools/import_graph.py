@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 LAYERS = {
     # module prefix -> layer (the longest matching prefix wins); see README "Layout"
     "fer_tune": 1, "fer_tune.errors": 1, "fer_tune.io": 1, "fer_tune.layout": 1,
-    "fer_tune.spec": 2, "fer_tune.specfile": 2,
+    "fer_tune.spec": 2, "fer_tune.specfile": 2, "fer_tune.weights": 2,
     "fer_tune.model": 3, "fer_tune.losses": 3, "fer_tune.mixing": 3, "fer_tune.metrics": 3,
     "fer_tune.data": 3,
     "fer_tune.engine": 4, "fer_tune.report": 4,
@@ -143,9 +143,10 @@ def circles(found: list[Edge]) -> list[list[str]]:
 
 
 def layer(module: str) -> int | None:
+    """The layer of the longest LAYERS prefix naming `module`; the package root only names itself."""
     best = None
     for prefix, level in LAYERS.items():
-        if module == prefix or module.startswith(prefix + "."):
+        if module == prefix or (prefix != PACKAGE and module.startswith(prefix + ".")):
             if best is None or len(prefix) > len(best[0]):
                 best = (prefix, level)
     return best[1] if best else None

@@ -1,2 +1,2 @@
-"""One module per `fer-tune` command that is more than a call: train, evaluate, distill, export,
-predict and `data faces` (the search is `fer_tune.search`)."""
+"""One module per `fer-tune` command: train, evaluate, distill, export, predict, report, and the
+`data` tools faces and synth (the search, `fer-tune run`, is `fer_tune.search`)."""

@@ -17,11 +17,13 @@ from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
 from fer_tune.spec import Spec
+from fer_tune.specfile import check_spec
 
 
 def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
     """Train one config into `out`, evaluate its best epoch once on the test split, export it."""
     started = time.time()
+    spec = check_spec(spec, source=spec.name)  # a spec made in code is checked like a loaded one (cheap, idempotent)
     out = Path(out)
     check_writable(out)
     device = choose_device(spec.resources.use_gpu)

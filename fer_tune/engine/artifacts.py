@@ -27,6 +27,7 @@ from fer_tune.io import atomic_write, atomic_write_text, read_yaml
 from fer_tune.layout import CONFIG_FILE, DATA_FILE, MODEL_FILE, SPLITS_DIR, experiment_of, find_model
 from fer_tune.model import MultiTaskNet, create_model
 from fer_tune.spec import Spec, validate_spec
+from fer_tune.specfile import check_spec
 
 EXPORTED_SUFFIXES = (".ts", ".onnx")
 """Model files `fer-tune export` writes beside model.pt (see `fer_tune.engine.runtime`)."""
@@ -131,7 +132,7 @@ def inference_spec(config: Path) -> Spec:
             "data": {"image_size": data["image_size"]} if "image_size" in data else {}}
     if isinstance(raw.get("loss"), dict):
         kept["loss"] = raw["loss"]
-    return validate_spec(kept, source=str(config))
+    return check_spec(validate_spec(kept, source=str(config)), source=str(config), sections=("model",))
 
 
 def check_weights(weights_file: Path, spec: Spec, config: Path) -> dict:

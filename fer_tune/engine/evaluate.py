@@ -20,7 +20,7 @@ from fer_tune import EXPRESSIONS, NUM_EXPRESSIONS
 from fer_tune.data.dataset import FaceDataset
 from fer_tune.data.prepare import PreparedData
 from fer_tune.io import atomic_write_json, atomic_write_text
-from fer_tune.metrics import compute_metrics, predicted_classes
+from fer_tune.metrics import compute_metrics, paired_comparison, predicted_classes
 from fer_tune.model import create_model
 from fer_tune.spec import Spec
 
@@ -94,3 +94,25 @@ def format_test(metrics: dict, out: Path) -> str:
         lines.append(f"  not measured (no labels in this data): {', '.join(metrics['missing_tasks'])}")
     lines.append(f"  written to {out}")
     return "\n".join(lines)
+
+
+def compare_on_test(prepared: PreparedData, device, found: tuple[Spec, dict], yours: tuple[Spec, dict],
+                    report_dir: Path) -> dict:
+    """The found recipe's model against yours on the same test faces.
+
+    Returns your model's own test metrics (with intervals) under "your_recipe", and from
+    `paired_comparison` each metric's difference, found minus yours, with a paired 95 % bootstrap
+    interval and McNemar's exact test on expression correctness; writes your model's predictions
+    to report/your_recipe_predictions.csv beside the found one's test_predictions.csv.
+    """
+    test = prepared.load("test")
+    preds = {}
+    for name, (spec, weights) in (("found", found), ("yours", yours)):
+        model = create_model(spec.model).to(device)
+        model.load_state_dict(weights)
+        preds[name] = predict(model, test, device)
+    targets = test.targets()
+    atomic_write_text(report_dir / "your_recipe_predictions.csv",
+                      predictions_table(test, preds["yours"], prepared.labels).to_csv(index=False))
+    return {"your_recipe": compute_metrics(targets, preds["yours"], labels=prepared.labels, ci=True),
+            **paired_comparison(targets, preds["yours"], preds["found"], labels=prepared.labels)}

@@ -34,6 +34,7 @@ from fer_tune import NUM_EXPRESSIONS
 from fer_tune.data.augment import build_augment
 from fer_tune.data.dataset import FaceDataset
 from fer_tune.data.sampler import ClassBalancedSampler
+from fer_tune.engine import pretrained
 from fer_tune.engine.evaluate import predict
 from fer_tune.engine.teacher import load_teacher
 from fer_tune.losses import (UncertaintyWeights, distillation_loss, hard_labels, inverse_frequency_weights,
@@ -76,7 +77,14 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
     seed_everything(t.seed + rank)
 
     # --- model, optimiser, schedule ---------------------------------------------------------
-    model = create_model(spec.model).to(device)
+    model_spec, fine_tune_from = pretrained.resolve(spec.model)  # every weights source as a timm file
+    model = create_model(model_spec, pretrained=True)
+    if fine_tune_from is not None and resume is None:
+        targets = train_split.targets()
+        tasks = ["expression"] * bool((targets["expression"] >= 0).any()) + \
+                [task for task in ("valence", "arousal") if np.isfinite(targets[task]).any()]
+        pretrained.load_experiment(model, fine_tune_from, labels, tasks)
+    model = model.to(device)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if distributed else model
     # Uncertainty weights live beside the model (not in it: exported models stay plain networks);
@@ -125,8 +133,11 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
             sampler.set_epoch(epoch)
         seed_epoch(t.seed, rank, epoch, sampler, train_set.augment)
 
-        # --- train one epoch ---------------------------------------------------------------
+        # --- train one epoch (the heads only while train.freeze_epochs hold the backbone) ---
         net.train()
+        frozen = epoch <= t.freeze_epochs
+        if frozen:
+            model.backbone.eval()  # its BatchNorm statistics stay as they came
         loss_sum = torch.zeros(3, device=device)  # loss * n, correct, n
         for step, (images, expression, valence, arousal) in enumerate(loader):
             images = images.to(device, non_blocking=True).float().div_(255)
@@ -151,6 +162,10 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
             if t.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            if frozen:
+                for group in optimizer.param_groups:
+                    if group.get("backbone"):
+                        group["lr"] = 0.0  # the schedule sets it again after the step
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -215,18 +230,21 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
 
 
 def build_optimizer(model: torch.nn.Module, t, extra: list = ()) -> torch.optim.Optimizer:
-    """AdamW or SGD; norm layers and biases are excluded from weight decay unless asked for.
+    """AdamW or SGD; norm layers and biases are excluded from weight decay unless asked for, and
+    the backbone's parameters are groups of their own (flagged `backbone`, for train.freeze_epochs).
 
     `extra` parameters (the uncertainty log-variances) join without weight decay, which would
     pull every task's weight towards 1.
     """
-    decay, no_decay = [], []
+    groups = {(backbone, decayed): [] for backbone in (True, False) for decayed in (True, False)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if (param.ndim <= 1 and not t.decay_norm_and_bias) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        decayed = not (param.ndim <= 1 and not t.decay_norm_and_bias)
+        groups[(name.startswith("backbone."), decayed)].append(param)
+    # backbone groups are flagged: train.freeze_epochs gives them no step while it holds
+    groups = [{"params": params, "weight_decay": t.weight_decay if decayed else 0.0, "backbone": backbone}
+              for (backbone, decayed), params in groups.items() if params]
     if extra:
         groups.append({"params": list(extra), "weight_decay": 0.0})
     if t.optimizer == "sgd":

@@ -14,16 +14,19 @@ from fer_tune.errors import one_line
 from fer_tune.io import atomic_write_text
 from fer_tune.layout import REPORT_DIR
 from fer_tune.report.experiment import load_experiment, write_history
-from fer_tune.report.figures import importances_figure, save, write_plots
 from fer_tune.report.importances import evaluator, load_study, parameter_importances
 from fer_tune.report.markdown import compare_experiments, render_markdown
-from fer_tune.report.tensorboard import write_tensorboard
 
 __all__ = ["build_report", "write_report", "compare_experiments", "write_history", "load_experiment"]
 
 
 def build_report(out: Path) -> Path:
     """Write DIR/report/report.md, its PNG plots and the TensorBoard HParams; return report.md."""
+    # deferred: matplotlib costs a second that training and the search driver (which import this
+    # package for write_history and TensorBoard's log_epoch) never need before the report
+    from fer_tune.report.figures import importances_figure, save, write_plots
+    from fer_tune.report.tensorboard import write_tensorboard
+
     exp = load_experiment(out)
     report_dir = exp.out / REPORT_DIR
     plots = write_plots(exp, report_dir)
@@ -42,7 +45,8 @@ def write_report(out: Path, say=print) -> None:
     try:
         path = build_report(out)
     except Exception as err:  # noqa: BLE001 - the experiment itself is already safely written
-        say(f"warning: the report could not be written ({type(err).__name__}: {one_line(err)}); "
+        reason = f"{type(err).__name__}: {one_line(err)}" if str(err).strip() else type(err).__name__
+        say(f"warning: the report could not be written ({reason}); "
             f"retry with `fer-tune report {out}`")
         return
     say(f"report: {path}")

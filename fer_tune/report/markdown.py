@@ -31,6 +31,9 @@ def render_markdown(exp: Experiment, plots: list[tuple[str, str]], importances: 
                  f"{sizes.get('train', '?')} train / {sizes.get('val', '?')} val / {sizes.get('test', '?')} test images.")
     if data.get("source") == "synthetic":
         lines.append("These are fer-tune's built-in **synthetic** faces, not real photographs.")
+    if exp.is_search:
+        lines += ["", f"## Found recipe vs your recipe (held-out test, {m.get('test_images', '?')} images)", ""]
+        lines += comparison_lines(m.get("comparison") or {})
     lines += ["", "## Best config", ""]
     lines += how_found(exp)
     lines += ["", f"Re-run it: `fer-tune train {exp.out / 'best' / 'config.yaml'}` (weights: `best/model.pt`).", ""]
@@ -46,6 +49,8 @@ def render_markdown(exp: Experiment, plots: list[tuple[str, str]], importances: 
     lines += gap_table(m)
 
     if exp.is_search:
+        lines += ["", "## Finalists: re-trained at full budget", ""]
+        lines += finalist_lines(m)
         lines += ["", f"## Top {min(TOP_TRIALS, len(top_trials(exp)))} trials", ""]
         lines += trials_table(exp, top_trials(exp))
         errored = exp.trials[exp.trials["stop_reason"] == "errored"]
@@ -75,6 +80,68 @@ def render_markdown(exp: Experiment, plots: list[tuple[str, str]], importances: 
     return "\n".join(lines) + "\n"
 
 
+LOWER_IS_BETTER = {"rmse"}
+
+
+def comparison_lines(c: dict) -> list[str]:
+    """The test of the found recipe against yours: each metric, the paired difference, a verdict
+    that claims a gain or a loss only when its 95 % interval excludes 0, and McNemar's test."""
+    if c.get("note"):
+        return [f"Not compared: {c['note']}."]
+    if c.get("same"):
+        return [f"The winner is your recipe (trial `{c.get('trial')}`): the search found nothing that did better "
+                f"on validation, so there is no gain to claim."]
+    if "difference" not in c:
+        return ["Not compared (this experiment was made before fer-tune compared recipes)."]
+    mine = c.get("your_recipe", {})
+    retrained = f", trained to full budget as run `{c.get('run')}`" if c.get("run") != c.get("trial") else ""
+    lines = [f"Your recipe is the trial that ran the spec's own values (`{c.get('trial')}`{retrained}); "
+             "both models were tested once, after the selection, on the same faces. Differences are found minus "
+             "yours, with paired 95 % bootstrap intervals (the same resampled faces for both).", "",
+             "| metric | your recipe | found recipe | difference [95 % CI] | verdict |", "|---|---|---|---|---|"]
+    found = {t: c["difference"][t] for t in c["difference"]}
+    for task, columns in (("expression", EXPRESSION_COLUMNS), ("valence", AFFECT_COLUMNS), ("arousal", AFFECT_COLUMNS)):
+        if task not in found:
+            continue
+        for key, name in columns:
+            yours = (mine.get(task) or {}).get(key)
+            gap = found[task].get(key)
+            low, high = (c.get("ci95", {}).get(task, {}).get(key) or [math.nan, math.nan])
+            theirs = yours + gap if isinstance(yours, (int, float)) and isinstance(gap, (int, float)) else math.nan
+            lines.append(f"| {task} {name} | {fmt_value(yours)} | {fmt_value(theirs)} | "
+                         f"{gap:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict(low, high, key in LOWER_IS_BETTER)} |")
+    if c.get("mcnemar"):
+        n = c["mcnemar"]
+        lines += ["", f"McNemar's exact test on expression accuracy: {n['only_b']} test faces only the found recipe "
+                      f"got right, {n['only_a']} only yours; p = {n['p_value']:.3g}."]
+    return lines
+
+
+def verdict(low: float, high: float, lower_is_better: bool) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "–"
+    if low > 0:
+        return "found is worse" if lower_is_better else "found is better"
+    if high < 0:
+        return "found is better" if lower_is_better else "found is worse"
+    return "no clear difference (interval includes 0)"
+
+
+def finalist_lines(m: dict) -> list[str]:
+    finalists = m.get("finalists") or []
+    if not finalists:
+        return ["None: `search.finalists` is 0, so the best trial as it ran is the winner."]
+    lines = ["Each finalist's validation objective over its full-budget runs (one seed each); the winner has the "
+             "best mean. Interval: 95 % t interval of the mean.", "",
+             "| trial | runs | seeds | mean objective [95 % CI] | each run | |", "|---|---|---|---|---|---|"]
+    for f in finalists:
+        low, high = f.get("ci95") or [math.nan, math.nan]
+        interval = f" [{low:.4f}, {high:.4f}]" if math.isfinite(low) else ""
+        lines.append(f"| `{f['trial_id']}` | {f['runs']} | {', '.join(map(str, f['seeds']))} | {f['mean']:.4f}{interval} "
+                     f"| {', '.join(f'{v:.4f}' for v in f['objectives'])} | {'winner' if f.get('winner') else ''} |")
+    return lines
+
+
 def how_found(exp: Experiment) -> list[str]:
     m, spec = exp.metrics, exp.spec
     wall = fmt_duration(m.get("wall_seconds"))
@@ -93,7 +160,19 @@ def how_found(exp: Experiment) -> list[str]:
             f"- Spent {int(exp.trials['epochs'].sum())} epochs in total (at most "
             f"{len(exp.trials) * spec.train.epochs} without early stopping); wall time {wall}.",
             f"- Best trial `{m.get('best_trial')}`: val objective {objective:.4f} at epoch {m.get('best_epoch')} "
-            f"(objective: {objective_text(spec)})."]
+            f"(objective: {objective_text(spec)})."] + known_recipe_lines(exp)
+
+
+def known_recipe_lines(exp: Experiment) -> list[str]:
+    """Where the recipes the search started from ended, beside the winner (trials.csv's `recipe`)."""
+    if "recipe" not in exp.trials:
+        return []
+    lines = []
+    for _, row in exp.trials[exp.trials["recipe"].astype(object).fillna("").astype(str) != ""].iterrows():
+        outcome = "errored" if row["stop_reason"] == "errored" else f"val objective {row['best_objective']:.4f}"
+        lines.append(f"- Started from {row['recipe']}: trial `{row['trial_id']}`, {outcome} "
+                     f"({row['stop_reason']} after {int(row['epochs'])} epochs).")
+    return lines
 
 
 def objective_text(spec: Spec) -> str:

@@ -15,7 +15,6 @@ from typing import Any, Optional
 import pandas as pd
 
 from fer_tune.report.experiment import Experiment
-from fer_tune.report.figures import confusion_figure
 
 # Files the report writes carry this suffix, so re-running the report replaces them, never the curves.
 REPORT_SUFFIX = ".fer-tune-report"
@@ -104,6 +103,8 @@ def write_hparams(logdir: Path, trials: list[dict], params: list[str]) -> None:
 def write_confusion_image(folder: Path, matrix, labels: list[str], step: int, title: str) -> None:
     """The best epoch's validation confusion matrix as an image in one run's folder."""
     from torch.utils.tensorboard import SummaryWriter
+
+    from fer_tune.report.figures import confusion_figure  # deferred: see build_report
 
     figure = confusion_figure(matrix, labels, title)
     with SummaryWriter(str(folder), filename_suffix=REPORT_SUFFIX) as writer:

@@ -59,7 +59,7 @@ def ctrl_c_reaches_only_the_driver(started_here: bool):
 
     A terminal's Ctrl-C goes to its whole process group, which includes the Ray this search
     starts: trial workers killed by it would leave their Train runs half-ended, and a resumed
-    trial might not continue. The driver alone handles Ctrl-C (see ctrl_c_stops_gracefully).
+    trial might not continue. The driver alone handles Ctrl-C (see `fer_tune.search.run.ctrl_c_stops_gracefully`).
     """
     import signal
 
@@ -142,7 +142,7 @@ def train_storage(spec: Spec, out: Path) -> str:
     """Where the trials' Ray Train runs (checkpoints) go: DIR/train, or under search.storage.
 
     Tune's own experiment (DIR/tune, the searcher state, TensorBoard) stays on the driver: its
-    trial functions run there too (see `run_search`).
+    trial functions run there too (see `fer_tune.search.run.run_search`).
     """
     if spec.search.storage is None:
         return str(out / "train")

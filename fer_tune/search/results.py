@@ -11,15 +11,20 @@ import pandas as pd
 from fer_tune.engine.artifacts import load_torch
 from fer_tune.errors import one_line
 from fer_tune.report.tensorboard import scalar_tag
-from fer_tune.search.space import spec_path
+from fer_tune.search.space import known_recipes, spec_path
 from fer_tune.search.trial import CHECKPOINT_FILE, METRIC
 from fer_tune.spec import Spec
 
 
 def trial_table(spec: Spec, results) -> pd.DataFrame:
+    """One row per trial: its sampled values, outcome, best objective and best epoch's val metrics,
+    and `recipe`, which known recipe it ran ("your spec", "search.points[i]", or empty: sampled)."""
     rows = []
+    recipes = known_recipes(spec)
     for result in results:
         config = result.config or {}
+        recipe = next((i for i, (_, params) in enumerate(recipes) if params == config), None)
+        label = recipes.pop(recipe)[0] if recipe is not None else ""
         history = result.metrics_dataframe
         last = newer_local_epoch(last_result(result))
         epochs = int(last.get("epoch", 0) or 0)
@@ -32,7 +37,7 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
         folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]  # trial_<id>_<n>_...
         row = {"trial_id": last.get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder),
                **{spec_path(k): v for k, v in config.items()},
-               "epochs": epochs, "stop_reason": reason,
+               "recipe": label, "epochs": epochs, "stop_reason": reason,
                "error": one_line(result.error, limit=300, last=True) if result.error is not None else None,
                METRIC: last.get(METRIC, math.nan), "best_epoch": last.get("best_epoch")}
         if history is not None and "objective" in history and history["objective"].notna().any():
@@ -77,7 +82,7 @@ def trial_confusions(trials: pd.DataFrame) -> dict[str, dict]:
 
 def last_result(result) -> dict:
     """A trial's last reported metrics and, as `checkpoint_path`, where its last checkpoint is
-    (TuneReportCallback adds that for a TorchTrainer; an in-trial checkpoint is Tune's own)."""
+    (`fer_tune.search.trial.ReportsToTune` adds that for a TorchTrainer; an in-trial checkpoint is Tune's own)."""
     metrics = dict(result.metrics or {})
     if not metrics.get("checkpoint_path") and result.checkpoint is not None:
         metrics["checkpoint_path"] = result.checkpoint.path
@@ -128,3 +133,19 @@ def read_checkpoint(location: str) -> dict:
 
     with Checkpoint(location).as_directory() as folder:
         return load_torch(Path(folder) / CHECKPOINT_FILE)
+
+
+def final_outcomes(spec: Spec, results, runs: int) -> list[dict]:
+    """What each final-phase run gave, in the order of the runs: {"run_id", "objective", "checkpoint"}
+    (objective NaN and no checkpoint for a run that failed)."""
+    outcomes = [{"run_id": "", "objective": math.nan, "checkpoint": ""} for _ in range(runs)]
+    for result in results:
+        index = int((result.config or {})["final_run"])
+        last = newer_local_epoch(last_result(result))
+        folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]
+        run_id = last.get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder)
+        failed = result.error is not None or not last.get("finished")
+        outcomes[index] = {"run_id": str(run_id), "objective": math.nan if failed else float(last.get(METRIC, math.nan)),
+                           "checkpoint": "" if failed else checkpoint_location(spec.search.storage,
+                                                                               last.get("checkpoint_path") or "")}
+    return outcomes

@@ -7,7 +7,8 @@ Flow (top to bottom in `run_search`):
 2. a Tuner over the trial trainable (`fer_tune.search.trial`), with OptunaSearch (TPE, study in
    `DIR/optuna.db`) over the spec's `space:` (`fer_tune.search.space`) and ASHA on the objective;
 3. each trial launches a TorchTrainer whose workers run `fit()` (DDP when more than one) and
-   report every epoch, or runs `fit()` itself (`resources.trainer`, see `trains_in_trial`);
+   report every epoch, or runs `fit()` itself (`resources.trainer`, see
+   `fer_tune.search.trial.trains_in_trial`);
 4. after the search the best trial's best epoch is tested once on the test split
    (`fer_tune.search.results` reads the trials back), and its config and weights are exported
    to `DIR/best/`.
@@ -16,6 +17,7 @@ Flow (top to bottom in `run_search`):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -23,24 +25,31 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import optuna
+import pandas as pd
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from fer_tune.data.prepare import prepare_data
 from fer_tune.engine.artifacts import export_best
 from fer_tune.engine.device import choose_device
-from fer_tune.engine.evaluate import evaluate_on_test, format_test
+from fer_tune.engine.evaluate import compare_on_test, evaluate_on_test, format_test
 from fer_tune.errors import SearchInterrupted, UserError
-from fer_tune.io import atomic_write_text, check_writable
+from fer_tune.io import atomic_write_json, atomic_write_text, check_writable
+from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
 from fer_tune.search.cluster import (check_storage, connect_ray, driver_node_resource, note_multi_node_storage,
                                      placement, train_storage)
-from fer_tune.search.results import read_checkpoint, trial_confusions, trial_histories, trial_table
-from fer_tune.search.space import SpaceSampler, make_sampler
+from fer_tune.search import finalists
+from fer_tune.search.results import final_outcomes, read_checkpoint, trial_confusions, trial_histories, trial_table
+from fer_tune.search.space import SpaceSampler, known_recipes, make_sampler
 from fer_tune.search.trial import METRIC, make_trial, trains_in_trial
 from fer_tune.spec import Spec, describe_differences
-from fer_tune.specfile import read_spec
+from fer_tune.specfile import check_spec, read_spec
+
+FINAL_DIR = "final"
+"""The Tune experiment of the final phase, beside the search's DIR/tune."""
 
 STOPPING = "FER_TUNE_SEARCH_STOPPING"
 """Set in the driver's environment while a Ctrl-C stops the search (see `StudySearch`)."""
@@ -48,12 +57,12 @@ STOPPING = "FER_TUNE_SEARCH_STOPPING"
 
 def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[str] = None,
                verbose: int = 1) -> dict:
-    import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     started = time.time()
+    spec = check_spec(spec, source=spec.name)  # a spec made in code is checked like a loaded one (cheap, idempotent)
     out = Path(out).resolve()
     _check_same_experiment(spec, out, resume)
     check_writable(out)
@@ -78,10 +87,6 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
     storage = str(out)
 
-    sampler = make_sampler(spec)
-    storage_url = f"sqlite:///{out / 'optuna.db'}"
-    searcher = StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=sampler,
-                            study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
     sched = spec.search.scheduler
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
                                grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
@@ -105,16 +110,90 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
         print(f"resuming the search in {tune_dir}")
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=False)
     else:
+        searcher = make_searcher(spec, out)
         tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-            num_samples=spec.search.num_samples, max_concurrent_trials=concurrency))
+            num_samples=spec.search.num_samples, max_concurrent_trials=concurrency,
+            reuse_actors=False))  # a trial's actor ends with it: nothing of a stopped trial runs on
     with ctrl_c_stops_gracefully() as interrupted:
         results = tuner.fit()
     if interrupted or results.num_terminated + results.num_errors < spec.search.num_samples:
         raise SearchInterrupted(f"the search stopped before its {spec.search.num_samples} trials ended "
                                 f"({'interrupted; ' if interrupted else ''}finished trials and the running "
                                 f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
-    return finish(spec, out, results, prepared, time.time() - started)
+    trials = trial_table(spec, results)
+    atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
+    if trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")].empty:
+        reasons = "; ".join(sorted(set(trials["error"].dropna().astype(str))))[:500]
+        raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
+    configs = {str(t): dict(r.config or {}) for t, r in zip(trials["trial_id"], results)}
+    runs = finalists.plan(spec, trials, configs)
+    final = run_final(spec, out, runs, trainable, holds, retries, concurrency, verbose)
+    selection = finalists.select(spec, trials, runs, final_outcomes(spec, final, len(runs)) if final else [])
+    return finish(spec, out, trials, results, final, runs, selection, prepared, time.time() - started)
+
+
+def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries: int, concurrency: int,
+              verbose: int):
+    """The full-budget runs of `fer_tune.search.finalists`, through Tune as a second experiment
+    (DIR/final) with the search's own trainable; resumable like the search. None when there are none."""
+    from ray import tune
+
+    if not runs:
+        return None
+    configs = [run.config() for run in runs]
+
+    def final_run(config: dict) -> None:
+        return trainable(configs[config["final_run"]])
+
+    final_run.__name__ = trainable.__name__  # Tune names trials (and their folders) after it
+    final = tune.with_resources(final_run, holds)
+    final_dir = out / FINAL_DIR
+    print(f"final phase: {len(runs)} full-budget run(s) of {len({r.trial_id for r in runs})} recipe(s) "
+          f"({spec.search.finalists} finalists x {spec.search.finalist_seeds} more seeds, and your recipe "
+          f"where ASHA stopped it)")
+    if tune.Tuner.can_restore(str(final_dir)):
+        print(f"resuming the final phase in {final_dir}")
+        tuner = tune.Tuner.restore(str(final_dir), trainable=final, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(final, param_space={"final_run": tune.grid_search(list(range(len(runs))))},
+                           run_config=tune.RunConfig(name=FINAL_DIR, storage_path=str(out), verbose=verbose,
+                                                     failure_config=tune.FailureConfig(max_failures=retries),
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                                     callbacks=[TrialCurves(out / "tensorboard")]),
+                           tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=1,
+                                                       max_concurrent_trials=concurrency, reuse_actors=False))
+    with ctrl_c_stops_gracefully() as interrupted:
+        results = tuner.fit()
+    if interrupted or results.num_terminated + results.num_errors < len(runs):
+        raise SearchInterrupted(f"the final phase stopped before its {len(runs)} runs ended "
+                                f"({'interrupted; ' if interrupted else ''}the search's trials and the finished "
+                                f"runs are kept): resume with the same command plus --resume --out {out}")
+    return results
+
+
+def make_searcher(spec: Spec, out: Path) -> "StudySearch":
+    """OptunaSearch over the spec's space, its study in DIR/optuna.db, starting with the known recipes.
+
+    The recipes (`known_recipes`: the spec's own values, then `search.points`) are enqueued in the
+    study, so they are the first trials Tune asks for and Optuna learns from them like from any
+    other. Built only for a new search: a resumed one gets Tune's saved searcher, and its study
+    already holds the recipes (run, or still queued).
+    """
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    recipes = known_recipes(spec)
+    try:
+        begun = len(optuna.load_study(study_name=spec.name, storage=storage).trials) > 0
+    except KeyError:
+        begun = False
+    problem = spec.own_recipe_problem() if spec.space and spec.search.start_from_spec is not False else None
+    if problem:
+        print(f"note: the search does not start from your spec's own values: {problem.split(': ', 1)[1]}")
+    if begun and recipes:
+        print(f"note: {out / 'optuna.db'} already holds trials of {spec.name}: its known recipes are not queued again")
+    return StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=make_sampler(spec),
+                       study_name=spec.name, storage=storage,
+                       points_to_evaluate=[params for _, params in recipes] if recipes and not begun else None)
 
 
 class StudySearch(OptunaSearch):
@@ -176,33 +255,92 @@ def ctrl_c_stops_gracefully():
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_setting
 
 
-def finish(spec: Spec, out: Path, results, prepared, wall: float) -> dict:
-    """Test the best trial's best epoch once, write trials.csv and export best/."""
-    trials = trial_table(spec, results)
-    atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
-    done = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
-    if done.empty:
-        reasons = "; ".join(sorted(set(trials["error"].dropna().astype(str))))[:500]
-        raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
-    best = done.sort_values(METRIC, ascending=False).iloc[0]
-    state = read_checkpoint(best["checkpoint"])
+def finish(spec: Spec, out: Path, trials, results, final, runs: list, selection, prepared, wall: float) -> dict:
+    """Test the winner once (and your recipe beside it), export best/, write the report's files."""
+    winner = selection.winner
+    state = read_checkpoint(winner.checkpoint)
     best_spec = Spec.model_validate(state["spec"])
     device = choose_device("auto")  # the driver's own: a CPU head node tests a GPU-trained model
     counts = trials["stop_reason"].value_counts().to_dict()
+    final_epochs = sum(len(h) for h in final_histories(final, runs).values())
     export_best(out / "best", best_spec, state["best_model"], prepared.labels)  # before the test: never lost
+    write_finalists(out / "report", runs, selection)
+    best_epoch_metrics = next((h for h in state.get("history", []) if h.get("epoch") == state["best_epoch"]), {})
     metrics = evaluate_on_test(best_spec, prepared, state["best_model"], device, report_dir=out / "report", extra={
-        "best_trial": best["trial_id"], "best_epoch": int(state["best_epoch"]),
-        "val": {k.removeprefix("val_"): v for k, v in best.items() if str(k).startswith("val_")},
+        "best_trial": winner.trial_id, "best_run": winner.run_id, "best_seed": winner.seed,
+        "best_epoch": int(state["best_epoch"]),
+        "val": {**flat_metrics(state["best_metrics"].get("val", {})),
+                **({"loss": best_epoch_metrics["val_loss"]} if "val_loss" in best_epoch_metrics else {})},
         "train_accuracy": state["best_metrics"].get("train_accuracy"),
         "trials": int(len(trials)), "trial_outcomes": {str(k): int(v) for k, v in counts.items()},
-        "epochs_spent": int(trials["epochs"].sum()), "wall_seconds": round(wall, 1)})
-    print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.4f} at epoch {int(state['best_epoch'])}; "
-          f"{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+        "finalists": [{k: v for k, v in f.items() if k != "outcomes"} for f in selection.finalists],
+        "final_runs": len(runs), "epochs_spent": int(trials["epochs"].sum()) + final_epochs,
+        "wall_seconds": round(wall, 1)})
+    metrics["comparison"] = compare_with_your_recipe(selection, best_spec, state, prepared, device, out)
+    atomic_write_json(out / "report" / "metrics.json", metrics)
+    print(f"best trial {winner.trial_id}: {METRIC} {winner.objective:.4f} at epoch {int(state['best_epoch'])}"
+          f"{f' (final run {winner.run_id}, seed {winner.seed})' if winner.run_id != winner.trial_id else ''}; "
+          f"{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}), {len(runs)} final run(s)")
     print(format_test(metrics, out / "report" / "metrics.json"))
+    print(describe_comparison(metrics["comparison"]))
     print(f"best config: {out / 'best' / 'config.yaml'}  (re-run: fer-tune train {out / 'best' / 'config.yaml'})")
-    write_history(out / "report", trial_histories(trials, results), trial_confusions(trials))
+    write_history(out / "report", {**trial_histories(trials, results), **final_histories(final, runs)},
+                  trial_confusions(trials))
     write_report(out)
     return metrics
+
+
+def compare_with_your_recipe(selection, best_spec: Spec, state: dict, prepared, device, out: Path) -> dict:
+    """Your recipe at full budget against the winner, on the test split (read after the selection)."""
+    mine = selection.your_recipe
+    if mine is None:
+        return {"note": selection.your_recipe_note}
+    if mine.checkpoint == selection.winner.checkpoint:
+        return {"same": True, "trial": mine.trial_id, "run": mine.run_id}
+    theirs = read_checkpoint(mine.checkpoint)
+    compared = compare_on_test(prepared, device, found=(best_spec, state["best_model"]),
+                               yours=(Spec.model_validate(theirs["spec"]), theirs["best_model"]),
+                               report_dir=out / "report")
+    return {"trial": mine.trial_id, "run": mine.run_id, **compared}
+
+
+def describe_comparison(comparison: dict) -> str:
+    """One line on the command's output: the found recipe against yours, on test accuracy."""
+    if comparison.get("note"):
+        return f"found vs your recipe: not compared ({comparison['note']})"
+    if comparison.get("same"):
+        return "found vs your recipe: the winner is your recipe: the search found nothing better"
+    if "expression" not in comparison.get("difference", {}):
+        return "found vs your recipe: see report.md (no expression labels to compare accuracy on)"
+    gap = comparison["difference"]["expression"]["accuracy"]
+    low, high = comparison["ci95"].get("expression", {}).get("accuracy", [math.nan, math.nan])
+    verdict = ("better" if low > 0 else "worse" if high < 0 else "no clear difference: the interval includes 0")
+    return (f"found vs your recipe: test accuracy {100 * gap:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}] "
+            f"({verdict}); McNemar p = {comparison['mcnemar']['p_value']:.3g}")
+
+
+def final_histories(final, runs: list) -> dict[str, list[dict]]:
+    """Each final run's per-epoch metrics, under its own run id."""
+    if final is None:
+        return {}
+    ids = []
+    for result in final:
+        folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]
+        ids.append((result.metrics or {}).get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder))
+    return trial_histories(pd.DataFrame({"trial_id": ids}), final)
+
+
+def write_finalists(report_dir: Path, runs: list, selection) -> None:
+    """report/finalists.csv: every full-budget run of every finalist (and of your recipe)."""
+    rows = [{"trial_id": f["trial_id"], "run_id": o.run_id, "seed": o.seed, "best_objective": o.objective,
+             "winner": f["winner"] and o is selection.winner}
+            for f in selection.finalists for o in f["outcomes"]]
+    mine = selection.your_recipe
+    if mine is not None and not any(r["run_id"] == mine.run_id for r in rows):
+        rows.append({"trial_id": mine.trial_id, "run_id": mine.run_id, "seed": mine.seed,
+                     "best_objective": mine.objective, "winner": False})
+    atomic_write_text(report_dir / "finalists.csv", pd.DataFrame(
+        rows, columns=["trial_id", "run_id", "seed", "best_objective", "winner"]).to_csv(index=False))
 
 
 class TrialCurves(TBXLoggerCallback):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
-from fer_tune.errors import UserError
 from fer_tune.spec import Spec, SpaceEntry
 
 if TYPE_CHECKING:
@@ -33,36 +32,17 @@ def spec_path(name: str) -> str:
 
 
 class SpaceSampler:
-    """Optuna define-by-run sampler of a spec's space; conditions are resolved in dependency order.
+    """Optuna define-by-run sampler of a spec's space; conditions are resolved in dependency order
+    (`Spec.walk_space`).
 
     A class, not a closure, because Tune pickles the searcher (and so this) to resume a search.
     """
 
     def __init__(self, spec: Spec):
-        self.entries = spec.space_entries()
-        self.base = spec.model_dump(mode="json")
-
-    def current(self, values: dict, key: str) -> Any:
-        if key in values:
-            return values[key]
-        node: Any = self.base
-        for part in key.split("."):
-            node = node[part]
-        return node
+        self.spec = spec
 
     def __call__(self, trial) -> None:
-        values: dict[str, Any] = {}
-        pending = list(self.entries)
-        while pending:
-            waiting = {k for k, _ in pending}
-            ready = [(k, e) for k, e in pending if all(c == k or c not in waiting for c in e.when)]
-            if not ready:
-                raise UserError("space: conditional entries depend on each other in a cycle")
-            for key, entry in ready:
-                pending.remove((key, entry))
-                if key in values or not all(self.current(values, c) in allowed for c, allowed in entry.when.items()):
-                    continue
-                values[key] = suggest(trial, param_name(key, entry), entry)
+        self.spec.walk_space(lambda key, entry: suggest(trial, param_name(key, entry), entry))
 
 
 def suggest(trial, name: str, entry: SpaceEntry) -> Any:
@@ -93,3 +73,20 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
               f"are all random draws; search.searcher.startup_trials below {search.num_samples} lets TPE "
               f"choose the rest")
     return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup)
+
+
+def known_recipes(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
+    """(label, Optuna parameters) of the recipes a search runs before its searcher chooses: the
+    spec's own values (`search.start_from_spec`), then each of `search.points`, in that order.
+
+    Each recipe is the spec with the point's values set; its parameters are those a trial of it
+    samples (`Spec.walk_space`), so the searcher learns from it like from any trial.
+    """
+    if not spec.space:
+        return []
+    own = spec.search.start_from_spec is not False and not spec.own_recipe_problem()
+    recipes = [("your spec", {})] if own else []
+    recipes += [(f"search.points[{i}]", point) for i, point in enumerate(spec.search.points)]
+    return [(label, {param_name(key, entry): value
+                     for key, (entry, value) in spec.with_values(values, keep_space=True).walk_space().items()})
+            for label, values in recipes]

@@ -158,7 +158,7 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, da
     `in_trial` the training itself in the trial's process (see `trains_in_trial`).
 
     `data` is the object-store reference of the split tables (see `worker_data`); `storage` is
-    where the trial's Train run and checkpoints go (see `train_storage`).
+    where the trial's Train run and checkpoints go (see `fer_tune.search.cluster.train_storage`).
     """
 
     def worker_config(sampled: Spec) -> dict:
@@ -217,7 +217,7 @@ def trains_in_trial(spec: Spec, joined: bool) -> bool:
     small machine (benchmarks/overhead.py), which a one-worker trial does not need. Tune then
     restarts a crashed trial from its last checkpoint, as Train would restart its worker. On a
     cluster fer-tune joined, trials keep the TorchTrainer: its checkpoints go to `search.storage`
-    and its controller stays on the driver's node (see `run_search`).
+    and its controller stays on the driver's node (see `fer_tune.search.run.run_search`).
     """
     res = spec.resources
     if res.trainer != "auto":
@@ -254,14 +254,18 @@ class ReportsToTune:
     report (with `checkpoint_path`) into a one-slot `ray.util.queue.Queue`, and the trial reports
     it to Tune with `ray.tune.report` while `trainer.fit()` runs in a thread. The trial ends once
     the queue is empty, so Tune has every epoch (returning as soon as `trainer.fit()` did could
-    drop the last one: seen, a trial recorded at epoch 7 of 8). One slot keeps training in step
-    with Tune, so ASHA stops a trial at the epoch it judged.
+    drop the last one: seen, a trial recorded at epoch 7 of 8). One slot keeps the controller
+    from running far ahead of what Tune has seen.
     """
 
     def __init__(self):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        # beside the trial (the driver's node): a lost worker node must not take the hand-off with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def callback(self):
         """The Train-side half, a `ray.train.UserCallback` (pickled into the Train controller)."""
@@ -283,12 +287,16 @@ class ReportsToTune:
 
         worker = threading.Thread(target=run, name="torch-trainer", daemon=True)
         worker.start()
-        while worker.is_alive() or not self.queue.empty():
-            try:
-                metrics = self.queue.get(timeout=0.5)
-            except std_queue.Empty:
-                continue
-            ray.tune.report(metrics)
+        try:
+            while worker.is_alive() or not self.queue.empty():
+                try:
+                    metrics = self.queue.get(timeout=0.5)
+                except std_queue.Empty:
+                    continue
+                ray.tune.report(metrics)
+        finally:
+            if worker.is_alive():  # Tune stopped the trial (ASHA): the controller's next put fails, its run ends
+                self.queue.shutdown(force=True)
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]

@@ -62,7 +62,7 @@ class AffectNetSource(Source):
                               dtype=str, keep_default_na=False, skipinitialspace=True,
                               encoding="utf-8-sig")
         except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
-            msg = one_line(err, limit=500)
+            msg = one_line(err, limit=10_000)
             raise UserError(f"{csv_path}: not a readable AffectNet CSV: {msg}") from None
         raw.columns = [str(c).strip() for c in raw.columns]
         needed = ["subDirectory_filePath", "expression", "valence", "arousal"]

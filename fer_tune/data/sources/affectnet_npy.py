@@ -100,7 +100,7 @@ class AffectNetNpySource(Source):
         try:
             value = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
-            raise UserError(f"{path}: not a readable .npy file ({one_line(err, limit=500)})") \
+            raise UserError(f"{path}: not a readable .npy file ({one_line(err, limit=10_000)})") \
                 from None
         value = np.asarray(value)
         if value.size != 1:

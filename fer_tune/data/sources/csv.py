@@ -48,7 +48,7 @@ class CsvSource(Source):
             raise UserError(f"{csv_path}: empty file; needs a header with columns "
                             f"{', '.join(self.required)}") from None
         except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
-            msg = one_line(err, limit=500)
+            msg = one_line(err, limit=10_000)
             raise UserError(f"{csv_path}: not a readable CSV: {msg}") from None
         raw.columns = [str(c).strip().lower() for c in raw.columns]
         for col in self.required:
