@@ -186,13 +186,37 @@ class SearcherSpec(Strict):
     seed: int = 0
     startup_trials: Optional[int] = Field(
         None, ge=1, description="trials TPE draws at random before it models the rest; default Optuna's (10)")
+    multivariate: bool = Field(False, description="TPE models the parameters jointly (Optuna's multivariate TPE)")
+    group: bool = Field(False, description="with multivariate: one joint model per set of parameters sampled "
+                                           "together (conditional spaces)")
+    constant_liar: bool = Field(False, description="TPE treats running trials as bad, so trials started at once "
+                                                   "do not all draw near the same point")
+
+    @model_validator(mode="after")
+    def _group_is_multivariate(self) -> "SearcherSpec":
+        if self.group and not self.multivariate:
+            raise ValueError("search.searcher.group: groups are a form of multivariate TPE; set "
+                             "search.searcher.multivariate: true as well")
+        return self
+
+
+DEFAULT_GRACE = 3
+"""ASHA's grace period when none is given (see SchedulerSpec.grace_period)."""
 
 
 class SchedulerSpec(Strict):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)
+    grace_period: Optional[int] = Field(
+        None, ge=1, description="epochs every trial gets before ASHA first compares it; default 3, or the epoch "
+                                "cap when that is lower (P3: the ranking after epoch 1 correlates 0.44-0.64 with "
+                                "the final one, after epoch 2 0.73-0.89; grace 3 reached random search's best in "
+                                "2 of 3 seeds where grace 1 did in 1)")
     reduction_factor: float = Field(3.0, gt=1)
     max_t: Optional[int] = Field(None, ge=1, description="epoch cap; default train.epochs")
+
+    def grace(self, epochs: int) -> int:
+        """The grace period ASHA runs with: as given, else 3 or the epoch cap when that is lower."""
+        return self.grace_period or min(DEFAULT_GRACE, self.max_t or epochs)
 
 
 class SearchSpec(Strict):
@@ -335,6 +359,17 @@ class Spec(Strict):
         if self.resources.trainer == "in_trial" and self.search.storage is not None:
             raise ValueError("resources.trainer: in_trial keeps checkpoints in the experiment folder; "
                              "search.storage needs torch_trainer (or auto)")
+        return self
+
+    @model_validator(mode="after")
+    def _scheduler_fits_the_epochs(self) -> "Spec":
+        sched, epochs = self.search.scheduler, self.train.epochs
+        if sched.type == "asha" and sched.grace_period is not None:
+            cap, named = (sched.max_t, "search.scheduler.max_t") if sched.max_t else (epochs, "train.epochs")
+            if sched.grace_period > cap:
+                raise ValueError(f"search.scheduler.grace_period {sched.grace_period} is above the epoch cap "
+                                 f"({named} {cap}): ASHA could never compare two trials; lower grace_period or "
+                                 f"raise {named}")
         return self
 
     @model_validator(mode="after")

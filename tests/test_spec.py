@@ -188,3 +188,25 @@ def test_the_fer2013_spaces_start_from_the_reports_recipe(name, backbone, weight
         if section == "train":  # the one stand-in: a log-scale entry cannot draw the report's 0
             assert (mine.pop("weight_decay"), theirs.pop("weight_decay")) == (weight_decay, 0.0)
         assert mine == theirs, section
+
+
+def test_tpe_options_reach_optunas_sampler(tiny_spec):
+    from fer_tune.search.space import make_sampler
+
+    sampler = make_sampler(load_spec(tiny_spec, ["search.searcher.multivariate=true", "search.searcher.group=true",
+                                                 "search.searcher.constant_liar=true"]))
+    assert (sampler._multivariate, sampler._group, sampler._constant_liar) == (True, True, True)
+    plain = make_sampler(load_spec(tiny_spec))
+    assert (plain._multivariate, plain._group, plain._constant_liar) == (False, False, False)
+    assert "search.searcher.group: groups are a form of multivariate TPE" in error_of(
+        tiny_spec, "search.searcher.group=true")
+
+
+def test_asha_grace_must_fit_the_epochs_and_defaults_to_what_p3_measured(tiny_spec):
+    message = error_of(REPO / "search_spaces" / "quickstart.yaml", "train.epochs=1")  # the grace period is 2
+    assert ("search.scheduler.grace_period 2 is above the epoch cap (train.epochs 1): ASHA could never compare "
+            "two trials; lower grace_period or raise train.epochs") in message and "\n" not in message
+    assert "search.scheduler.max_t 2" in error_of(tiny_spec, "search.scheduler.grace_period=3",
+                                                   "search.scheduler.max_t=2")
+    default = load_spec(tiny_spec).search.scheduler
+    assert default.grace_period is None and default.grace(20) == 3 and default.grace(2) == 2

@@ -108,3 +108,32 @@ def test_evaluate_a_synthetic_model_on_other_data(tiny_spec, tmp_path):
     metrics = json.loads((tmp_path / "cross" / "metrics.json").read_text())
     assert metrics["missing_tasks"] == ["valence", "arousal"]
     assert metrics["test_images"] == 12 and metrics["labels"] == [1, 2, 6]
+
+
+def test_evaluate_on_data_that_is_only_a_test_set(tiny_spec, tmp_path, capsys):
+    """Cross-dataset evaluation draws no train or val split: a test/ folder alone, class folders
+    without one, or a CSV: the dataset's own test split if it has one, else all of it."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_spec), "--out", str(out), "--set", "train.epochs=1"]) == 0
+    root = make_folder_dataset(tmp_path / "faces", per_class=6)
+    shutil.rmtree(root / "train")  # only test/<class>/ is left
+    assert main(["evaluate", str(out), "--set", "data.source=folder", "--set", f"data.root={root}",
+                 "--out", str(tmp_path / "only-test")]) == 0
+    metrics = json.loads((tmp_path / "only-test" / "metrics.json").read_text())
+    assert metrics["test_images"] == 12 and metrics["labels"] == [1, 2, 6]
+    assert "own test split (12 of 12 images)" in metrics["data"]["test_split"]
+    flat = tmp_path / "flat"
+    shutil.copytree(root / "test", flat)  # class folders, no split folder at all
+    assert main(["evaluate", str(out), "--set", "data.source=folder", "--set", f"data.root={flat}",
+                 "--out", str(tmp_path / "whole")]) == 0
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics["test_images"] == 12 and "the whole dataset (12 images)" in metrics["data"]["test_split"]
+    assert "test: the whole dataset (12 images): it is only a test set here" in capsys.readouterr().out
+    rows = [{"path": f"{p.parent.name}/{p.name}", "expression": {"happy": 1, "sad": 2, "Angry": 6}[p.parent.name]}
+            for p in sorted(flat.rglob("*.jpg"))]
+    pd.DataFrame(rows).to_csv(flat / "labels.csv", index=False)
+    assert main(["evaluate", str(out), "--set", "data.source=csv", "--set", f"data.root={flat / 'labels.csv'}",
+                 "--out", str(tmp_path / "csv")]) == 0
+    assert json.loads((tmp_path / "csv" / "metrics.json").read_text())["test_images"] == 12

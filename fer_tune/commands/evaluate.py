@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from fer_tune.data.prepare import open_prepared, prepare_data
+from fer_tune.data.prepare import open_prepared, prepare_test_only
 from fer_tune.engine.artifacts import check_weights, find_trained
 from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import evaluate_on_test, format_test
@@ -16,7 +16,10 @@ from fer_tune.specfile import check_spec, read_spec
 
 
 def evaluate_model(model_path: Path, overrides: list[str], out: Optional[Path]) -> dict:
-    """Evaluate a trained model on the test split of its own data, or of data named by --set.
+    """Evaluate a trained model on the test split of its own data, or on data named by --set.
+
+    Other data need no train or val split: their own test split is used when they have one,
+    else all of them (`prepare_test_only`), and metrics.json says which.
 
     The model is found by `find_trained`; the spec is its config.yaml with the --set values
     applied (so `--set model.backbone=...` is checked against the weights, as the model would
@@ -32,7 +35,7 @@ def evaluate_model(model_path: Path, overrides: list[str], out: Optional[Path]) 
     tag = "own-test" if own else f"{spec.data.source}-{spec.data.image_size}px"
     out = Path(out) if out else run_dir / "evaluate" / tag
     check_writable(out)
-    prepared = open_prepared(spec.data, run_dir) if own else prepare_data(spec.data, out)
+    prepared = open_prepared(spec.data, run_dir) if own else prepare_test_only(spec.data, out)
     device = choose_device(spec.resources.use_gpu)
     metrics = evaluate_on_test(spec, prepared, weights, device, extra={"model": str(trained.model_file)},
                                report_dir=out)

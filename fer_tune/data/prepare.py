@@ -20,7 +20,8 @@ from fer_tune.data.cache import load_images
 from fer_tune.data.sources import load_table
 from fer_tune.data.splits import SPLITS, make_splits
 from fer_tune.errors import UserError
-from fer_tune.io import atomic_write_json
+from fer_tune import TASKS
+from fer_tune.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -78,6 +79,31 @@ def prepare_data(data_spec, out_dir: Path) -> PreparedData:
     return PreparedData(data_spec, out_dir, tables, tasks, labels, info)
 
 
+def prepare_test_only(data_spec, out_dir: Path) -> PreparedData:
+    """Data that a trained model is only evaluated on (`fer-tune evaluate --set data...`): no train or
+    val split is drawn. The test split is the dataset's own (a `test/` folder, AffectNet's
+    validation.csv) when it has one, else the whole dataset; its classes are the labels the
+    metrics average over. Reads no image."""
+    out_dir = Path(out_dir)
+    table = load_table(data_spec)
+    own = table["source_split"] == "test"
+    test = (table[own] if own.any() else table).reset_index(drop=True)
+    tasks = (["expression"] if (test["expression"] >= 0).any() else []) + \
+            [t for t in ("valence", "arousal") if test[t].notna().any()]
+    if not tasks:
+        raise UserError(f"{data_spec.root}: no labels to evaluate against (no expression, valence or arousal)")
+    splits_dir = out_dir / "splits"
+    atomic_write_text(splits_dir / "test.csv", test.to_csv(index=False))
+    labels = sorted(int(c) for c in set(test["expression"]) if c >= 0)
+    info = {"tasks": tasks, "labels": labels, "missing_tasks": [t for t in TASKS if t not in tasks],
+            "sizes": {"test": len(test)}, "dropped": dict(table.attrs.get("dropped", {})),
+            "test_split": (f"the dataset's own test split ({len(test)} of {len(table)} images)" if own.any()
+                           else f"the whole dataset ({len(test)} images): it is only a test set here")}
+    atomic_write_json(splits_dir / "data.json", info)
+    tables = {"test": _read_split(splits_dir / "test.csv")}
+    return PreparedData(data_spec, out_dir, tables, tasks, labels, info)
+
+
 def open_prepared(data_spec, out_dir: Path) -> PreparedData:
     """The prepared data of an experiment folder, without reading the source again."""
     out_dir = Path(out_dir)
@@ -86,8 +112,11 @@ def open_prepared(data_spec, out_dir: Path) -> PreparedData:
 
 
 def _read_splits(splits_dir: Path) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_csv(splits_dir / f"{name}.csv", keep_default_na=False,
-                              na_values={"valence": [""], "arousal": [""], "face_x": [""], "face_y": [""],
-                                         "face_w": [""], "face_h": [""]},
-                              dtype={"subject": str, "source_split": str, "image": str})
-            for name in SPLITS}
+    return {name: _read_split(splits_dir / f"{name}.csv") for name in SPLITS}
+
+
+def _read_split(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False,
+                       na_values={"valence": [""], "arousal": [""], "face_x": [""], "face_y": [""],
+                                  "face_w": [""], "face_h": [""]},
+                       dtype={"subject": str, "source_split": str, "image": str})

@@ -86,6 +86,8 @@ def predictions_table(split, preds: dict, labels: list[int]) -> pd.DataFrame:
 def format_test(metrics: dict, out: Path) -> str:
     """What a command prints after the test: each measured task's metrics, and where they were written."""
     lines = [f"test ({metrics['test_images']} images):"]
+    if metrics.get("data", {}).get("test_split"):
+        lines[0] = f"test: {metrics['data']['test_split']}"
     for task in ("expression", "valence", "arousal"):
         if task in metrics:
             values = ", ".join(f"{k} {v:.4f}" for k, v in metrics[task].items())

@@ -89,7 +89,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
 
     sched = spec.search.scheduler
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
-                               grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+                               grace_period=sched.grace(spec.train.epochs), reduction_factor=sched.reduction_factor)
                  if sched.type == "asha" else FIFOScheduler())
     # Through a TorchTrainer, the trial function only waits on it: it holds memory, not a CPU a
     # worker needs. It runs on the driver's node, as does the Train controller it starts, so a lost

@@ -7,6 +7,7 @@ Kept free of Ray and of the training stack: the trial actors import it (through
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from fer_tune.spec import Spec, SpaceEntry
@@ -72,7 +73,10 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
         print(f"note: TPE draws its first {startup} trials at random, so this search's {search.num_samples} "
               f"are all random draws; search.searcher.startup_trials below {search.num_samples} lets TPE "
               f"choose the rest")
-    return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate, group, constant_liar
+        return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup, multivariate=searcher.multivariate,
+                                          group=searcher.group, constant_liar=searcher.constant_liar)
 
 
 def known_recipes(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
