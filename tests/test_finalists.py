@@ -34,18 +34,21 @@ def test_plan_retrains_the_finalists_with_more_seeds_and_your_recipe_to_full_bud
     assert [(r.trial_id, r.seed, r.role) for r in runs] == [
         ("b", 7, "finalist"), ("b", 8, "finalist"), ("b", 9, "finalist"),  # stopped early: its own seed too
         ("a", 8, "finalist"), ("a", 9, "finalist"),                          # completed: its run counts
-        ("d", 7, "your spec")]                                               # stopped early: trained to full budget
+        ("d", 7, "your spec"), ("d", 8, "your spec"), ("d", 9, "your spec")]  # your recipe always competes
+    assert [(r.trial_id, r.seed) for r in finalists.plan(spec(finalists=0), trials_frame(), CONFIGS)] == [
+        ("d", 7)]  # no final phase: only your recipe, trained to full budget for the comparison
     assert runs[0].config() == {"model.dropout": 0.1, "train.seed": 7}
 
 
 def test_select_takes_the_best_mean_and_the_best_run_of_the_winner():
     trials = trials_frame()
     runs = finalists.plan(spec(finalists=2, finalist_seeds=1), trials, CONFIGS)
-    assert [(r.trial_id, r.seed) for r in runs] == [("b", 7), ("b", 8), ("a", 8), ("d", 7)]
+    assert [(r.trial_id, r.seed) for r in runs] == [("b", 7), ("b", 8), ("a", 8), ("d", 7), ("d", 8)]
     done = [{"run_id": "f1", "objective": 0.70, "checkpoint": "/ck/f1"},   # b at full budget: worse than it looked
             {"run_id": "f2", "objective": 0.72, "checkpoint": "/ck/f2"},
             {"run_id": "f3", "objective": 0.82, "checkpoint": "/ck/f3"},   # a again, another seed
-            {"run_id": "f4", "objective": 0.60, "checkpoint": "/ck/f4"}]   # your recipe at full budget
+            {"run_id": "f4", "objective": 0.60, "checkpoint": "/ck/f4"},   # your recipe at full budget
+            {"run_id": "f5", "objective": 0.64, "checkpoint": "/ck/f5"}]
     chosen = finalists.select(spec(finalists=2, finalist_seeds=1), trials, runs, done)
     by_id = {f["trial_id"]: f for f in chosen.finalists}
     assert by_id["a"]["mean"] == pytest.approx(0.81) and by_id["b"]["mean"] == pytest.approx(0.71)
@@ -53,7 +56,12 @@ def test_select_takes_the_best_mean_and_the_best_run_of_the_winner():
     low, high = by_id["a"]["ci95"]
     assert low < 0.81 < high
     assert (chosen.winner.trial_id, chosen.winner.run_id, chosen.winner.seed) == ("a", "f3", 8)
-    assert (chosen.your_recipe.trial_id, chosen.your_recipe.run_id) == ("d", "f4")
+    assert (chosen.your_recipe.trial_id, chosen.your_recipe.run_id) == ("d", "f4")  # its own seed
+    assert by_id["d"]["mean"] == pytest.approx(0.62) and not by_id["d"]["winner"]
+    # where your recipe does best at full budget, it wins: the search found nothing better
+    done[3]["objective"] = done[4]["objective"] = 0.9
+    chosen = finalists.select(spec(finalists=2, finalist_seeds=1), trials, runs, done)
+    assert chosen.winner.trial_id == "d" and chosen.your_recipe.trial_id == "d"
 
 
 def test_select_without_a_final_phase_and_without_your_recipe():

@@ -7,8 +7,8 @@ ASHA stopped early was judged on a few epochs. So `search.finalists` (K) of the 
 run `search.finalist_seeds` more times, with other seeds, to their full `train.epochs` (an
 ASHA-stopped finalist also once with its own seed), and the winner is the finalist with the best
 mean validation objective over its full-budget runs. Your recipe (the trial that ran the spec's
-own values) is trained to full budget too when ASHA stopped it, so the held-out comparison is
-between two fully trained models.
+own values) is always a finalist, run like the others: the search wins only by beating it at full
+budget on validation, and the held-out comparison is between two fully trained models.
 
 This module only plans and decides; `fer_tune.search.run` runs the trainings through Tune.
 """
@@ -66,23 +66,33 @@ class Selection:
 
 
 def plan(spec: Spec, trials: pd.DataFrame, configs: dict[str, dict]) -> list[FinalRun]:
-    """The full-budget trainings still needed: K finalists x more seeds, and your recipe."""
+    """The full-budget trainings still needed: the K finalists and your recipe, each with more seeds
+    (and once with its own when ASHA stopped it). Without finalists (K = 0), only your recipe's own
+    seed when ASHA stopped it: the comparison on the test still needs it fully trained."""
     search = spec.search
     seed = spec.train.seed
-    healthy = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
-    top = healthy.sort_values(METRIC, ascending=False).head(search.finalists)
+    if search.finalists == 0:
+        mine = your_trial(trials)
+        if mine is None or mine["stop_reason"] in (*FULL_BUDGET, "errored") or not mine["checkpoint"]:
+            return []
+        return [FinalRun(str(mine["trial_id"]), configs[str(mine["trial_id"])], seed, YOUR_SPEC)]
     runs = []
-    for _, row in top.iterrows():
+    for _, row in finalist_rows(spec, trials).iterrows():
         trial_id = str(row["trial_id"])
         own_seed = [] if row["stop_reason"] in FULL_BUDGET else [seed]
         extra = [seed + 1 + i for i in range(search.finalist_seeds)]
-        runs += [FinalRun(trial_id, configs[trial_id], s) for s in own_seed + extra]
-    mine = your_trial(trials)
-    if mine is not None and mine["stop_reason"] not in (*FULL_BUDGET, "errored"):
-        trial_id = str(mine["trial_id"])
-        if not any(r.trial_id == trial_id and r.seed == seed for r in runs):
-            runs.append(FinalRun(trial_id, configs[trial_id], seed, role=YOUR_SPEC))
+        role = YOUR_SPEC if row.get("recipe") == YOUR_SPEC else "finalist"
+        runs += [FinalRun(trial_id, configs[trial_id], s, role) for s in own_seed + extra]
     return runs
+
+
+def finalist_rows(spec: Spec, trials: pd.DataFrame) -> pd.DataFrame:
+    """The K best healthy trials, and your recipe's trial when it is healthy and not among them."""
+    healthy = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
+    top = healthy.sort_values(METRIC, ascending=False).head(spec.search.finalists)
+    mine = healthy[healthy["recipe"].astype(object).fillna("").astype(str) == YOUR_SPEC] if "recipe" in healthy \
+        else healthy.iloc[:0]
+    return pd.concat([top, mine[~mine["trial_id"].isin(top["trial_id"])]])
 
 
 def your_trial(trials: pd.DataFrame) -> Optional[pd.Series]:
@@ -102,8 +112,8 @@ def select(spec: Spec, trials: pd.DataFrame, runs: list[FinalRun], finished: lis
     seed = spec.train.seed
     outcomes: dict[str, list[Outcome]] = {}
     healthy = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
-    finalist_ids = [str(t) for t in healthy.sort_values(METRIC, ascending=False)
-                    .head(max(1, spec.search.finalists))["trial_id"]]
+    finalist_ids = [str(t) for t in finalist_rows(spec, trials)["trial_id"]] if spec.search.finalists else \
+        [str(healthy.sort_values(METRIC, ascending=False).iloc[0]["trial_id"])]
     for _, row in trials.iterrows():
         if row["stop_reason"] in FULL_BUDGET and row["checkpoint"]:
             outcomes.setdefault(str(row["trial_id"]), []).append(

@@ -295,8 +295,8 @@ def compare_with_your_recipe(selection, best_spec: Spec, state: dict, prepared, 
     mine = selection.your_recipe
     if mine is None:
         return {"note": selection.your_recipe_note}
-    if mine.checkpoint == selection.winner.checkpoint:
-        return {"same": True, "trial": mine.trial_id, "run": mine.run_id}
+    if mine.trial_id == selection.winner.trial_id:  # your recipe won (with this seed or another)
+        return {"same": True, "trial": mine.trial_id, "run": selection.winner.run_id}
     theirs = read_checkpoint(mine.checkpoint)
     compared = compare_on_test(prepared, device, found=(best_spec, state["best_model"]),
                                yours=(Spec.model_validate(theirs["spec"]), theirs["best_model"]),
