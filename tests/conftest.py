@@ -19,6 +19,9 @@ def write_spec(path: Path, **sections) -> Path:
         "model": {"backbone": "resnet10t", "dropout": 0.1},
         "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0},
         "augment": {"strength": 0.2},
+        # no final phase unless a test is about it (tests/test_search.py's shared search is): it
+        # re-trains finalists at full budget, minutes of a 2-core suite that test something else
+        "search": {"finalists": 0},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):

@@ -149,9 +149,9 @@ def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries
     final_run.__name__ = trainable.__name__  # Tune names trials (and their folders) after it
     final = tune.with_resources(final_run, holds)
     final_dir = out / FINAL_DIR
-    print(f"final phase: {len(runs)} full-budget run(s) of {len({r.trial_id for r in runs})} recipe(s) "
-          f"({spec.search.finalists} finalists x {spec.search.finalist_seeds} more seeds, and your recipe "
-          f"where ASHA stopped it)")
+    print(f"final phase: {len(runs)} full-budget run(s) of {len({r.trial_id for r in runs})} recipe(s): "
+          f"the {spec.search.finalists} best trial(s) and your recipe, {spec.search.finalist_seeds} more seed(s) "
+          f"each, once with their own where ASHA stopped them")
     if tune.Tuner.can_restore(str(final_dir)):
         print(f"resuming the final phase in {final_dir}")
         tuner = tune.Tuner.restore(str(final_dir), trainable=final, resume_unfinished=True, resume_errored=False)

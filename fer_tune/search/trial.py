@@ -174,7 +174,7 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, da
         trial_id = ray.tune.get_context().get_trial_id()
         res = sampled.resources
         wait_for_resources(res.workers_per_trial * res.cpus_per_worker, res.workers_per_trial if use_gpu else 0)
-        reports = ReportsToTune()
+        reports = ReportsToTune(driver_node)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=worker_config(sampled),
@@ -258,14 +258,14 @@ class ReportsToTune:
     from running far ahead of what Tune has seen.
     """
 
-    def __init__(self):
-        import ray
+    def __init__(self, driver_node: str):
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # beside the trial (the driver's node): a lost worker node must not take the hand-off with it
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        # on the driver's node, always: a lost worker node must not take the hand-off with it (with a
+        # soft affinity Ray was seen to place it on a node that then died)
+        pinned = NodeAffinitySchedulingStrategy(driver_node, soft=False)
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": pinned})
 
     def callback(self):
         """The Train-side half, a `ray.train.UserCallback` (pickled into the Train controller)."""
@@ -275,6 +275,7 @@ class ReportsToTune:
         """Run `fit()` in a thread, reporting every queued epoch to Tune; return what it returns."""
         import queue as std_queue
 
+        import ray.exceptions
         import ray.tune
 
         outcome: dict = {}
@@ -287,12 +288,23 @@ class ReportsToTune:
 
         worker = threading.Thread(target=run, name="torch-trainer", daemon=True)
         worker.start()
+        unavailable_since = None
         try:
-            while worker.is_alive() or not self.queue.empty():
+            while True:
                 try:
+                    if not worker.is_alive() and self.queue.empty():
+                        break
                     metrics = self.queue.get(timeout=0.5)
                 except std_queue.Empty:
                     continue
+                except ray.exceptions.ActorUnavailableError:
+                    # Ray says "temporarily": seen while a lost node's processes were being torn down
+                    unavailable_since = unavailable_since or time.monotonic()
+                    if time.monotonic() - unavailable_since > UNAVAILABLE_FOR_S:
+                        raise
+                    time.sleep(0.5)
+                    continue
+                unavailable_since = None
                 ray.tune.report(metrics)
         finally:
             if worker.is_alive():  # Tune stopped the trial (ASHA): the controller's next put fails, its run ends
@@ -300,6 +312,10 @@ class ReportsToTune:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
+
+
+UNAVAILABLE_FOR_S = 120.0
+"""How long the hand-off queue may stay "temporarily unavailable" before the trial gives up."""
 
 
 class _ReportCallback(UserCallback):
