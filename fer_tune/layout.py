@@ -36,6 +36,13 @@ def find_model(path: Path) -> tuple[Path, Path]:
                     f"from `fer-tune train` or `fer-tune run`)")
 
 
+def is_experiment(path: Path) -> bool:
+    """Whether `path` names a finished experiment (a folder, or a model.pt with its config.yaml) rather than
+    a weights file."""
+    path = Path(path)
+    return path.is_dir() or (path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file())
+
+
 def experiment_of(config: Path) -> Path:
     """The experiment folder a config.yaml belongs to (the folder above best/, or its own)."""
     config = Path(config)

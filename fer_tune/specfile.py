@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union
 
 from fer_tune.errors import UserError
 from fer_tune.io import read_yaml
-from fer_tune.layout import find_model
+from fer_tune.layout import find_model, is_experiment
 from fer_tune.spec import Spec, apply_overrides, set_path, validate_spec
 from fer_tune.weights import imagenet_file
 
@@ -96,7 +96,7 @@ def _weights_file(spec: Spec, path: Any) -> tuple[Optional[str], Any]:
             return str(err), path
         return None, path
     resolved = Path(path).expanduser().resolve()
-    if resolved.is_dir() or (resolved.name == "model.pt" and (resolved.parent / "config.yaml").is_file()):
+    if is_experiment(resolved):
         try:
             find_model(resolved)
         except UserError as err:

@@ -26,7 +26,7 @@ import torch
 
 from fer_tune.engine.artifacts import TrainedModel, find_trained, load_torch, save_torch
 from fer_tune.errors import UserError, one_line
-from fer_tune.layout import CONFIG_FILE, MODEL_FILE
+from fer_tune.layout import is_experiment
 from fer_tune.weights import IMAGENET, imagenet_file, weights_dir
 
 
@@ -82,12 +82,6 @@ def backbone_file(backbone: str, pretrained: str) -> str:
     if not converted.is_file():
         save_torch(converted, mapped)
     return str(converted)
-
-
-def is_experiment(pretrained: str) -> bool:
-    """A finished fer-tune experiment (folder, best/ folder, or a model.pt with its config.yaml)."""
-    path = Path(pretrained)
-    return path.is_dir() or (path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file())
 
 
 def resolve(model_spec):

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from fer_tune.search.results import healthy
 from fer_tune.search.trial import METRIC
 from fer_tune.spec import Spec
 
@@ -88,10 +89,9 @@ def plan(spec: Spec, trials: pd.DataFrame, configs: dict[str, dict]) -> list[Fin
 
 def finalist_rows(spec: Spec, trials: pd.DataFrame) -> pd.DataFrame:
     """The K best healthy trials, and your recipe's trial when it is healthy and not among them."""
-    healthy = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
-    top = healthy.sort_values(METRIC, ascending=False).head(spec.search.finalists)
-    mine = healthy[healthy["recipe"].astype(object).fillna("").astype(str) == YOUR_SPEC] if "recipe" in healthy \
-        else healthy.iloc[:0]
+    ok = healthy(trials)
+    top = ok.sort_values(METRIC, ascending=False).head(spec.search.finalists)
+    mine = ok[ok["recipe"].astype(object).fillna("").astype(str) == YOUR_SPEC] if "recipe" in ok else ok.iloc[:0]
     return pd.concat([top, mine[~mine["trial_id"].isin(top["trial_id"])]])
 
 
@@ -111,9 +111,9 @@ def select(spec: Spec, trials: pd.DataFrame, runs: list[FinalRun], finished: lis
     """
     seed = spec.train.seed
     outcomes: dict[str, list[Outcome]] = {}
-    healthy = trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
+    ok = healthy(trials)
     finalist_ids = [str(t) for t in finalist_rows(spec, trials)["trial_id"]] if spec.search.finalists else \
-        [str(healthy.sort_values(METRIC, ascending=False).iloc[0]["trial_id"])]
+        [str(ok.sort_values(METRIC, ascending=False).iloc[0]["trial_id"])]
     for _, row in trials.iterrows():
         if row["stop_reason"] in FULL_BUDGET and row["checkpoint"]:
             outcomes.setdefault(str(row["trial_id"]), []).append(
@@ -127,12 +127,12 @@ def select(spec: Spec, trials: pd.DataFrame, runs: list[FinalRun], finished: lis
     for trial_id in finalist_ids:
         got = outcomes.get(trial_id, [])
         if not got and spec.search.finalists == 0:  # no final phase: the trial as it ran
-            row = healthy[healthy["trial_id"].astype(str) == trial_id].iloc[0]
+            row = ok[ok["trial_id"].astype(str) == trial_id].iloc[0]
             got = [Outcome(trial_id, trial_id, seed, float(row[METRIC]), str(row["checkpoint"]))]
         if got:
             summaries.append(summarise(trial_id, got))
     if not summaries:  # every finalist run failed: fall back to the best trial as it ran
-        row = healthy.sort_values(METRIC, ascending=False).iloc[0]
+        row = ok.sort_values(METRIC, ascending=False).iloc[0]
         summaries = [summarise(str(row["trial_id"]), [Outcome(str(row["trial_id"]), str(row["trial_id"]), seed,
                                                               float(row[METRIC]), str(row["checkpoint"]))])]
     best = max(summaries, key=lambda s: s["mean"])

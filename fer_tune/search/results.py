@@ -34,8 +34,7 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
             reason = "early stop (patience)" if epochs < spec.train.epochs else "completed"
         else:
             reason = "stopped by ASHA" if spec.search.scheduler.type == "asha" else "stopped before its last epoch"
-        folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]  # trial_<id>_<n>_...
-        row = {"trial_id": last.get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder),
+        row = {"trial_id": trial_id_of(result, last),
                **{spec_path(k): v for k, v in config.items()},
                "recipe": label, "epochs": epochs, "stop_reason": reason,
                "error": one_line(result.error, limit=300, last=True) if result.error is not None else None,
@@ -78,6 +77,25 @@ def trial_confusions(trials: pd.DataFrame) -> dict[str, dict]:
         if matrix:
             confusions[str(row["trial_id"])] = {"epoch": int(state["best_epoch"]), "matrix": matrix}
     return confusions
+
+
+def trial_id_of(result, last: dict) -> str:
+    """A result's Tune trial id: from its metrics, else from its folder's name (trial_<id>_<n>_...)."""
+    folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]
+    return str(last.get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder))
+
+
+def healthy(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials that did not error and left a checkpoint: the ones a winner can come from."""
+    return trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")]
+
+
+def final_histories(final, runs: list) -> dict[str, list[dict]]:
+    """Each final run's per-epoch metrics, under its own run id."""
+    if final is None:
+        return {}
+    ids = [trial_id_of(result, result.metrics or {}) for result in final]
+    return trial_histories(pd.DataFrame({"trial_id": ids}), final)
 
 
 def last_result(result) -> dict:
@@ -142,8 +160,7 @@ def final_outcomes(spec: Spec, results, runs: int) -> list[dict]:
     for result in results:
         index = int((result.config or {})["final_run"])
         last = newer_local_epoch(last_result(result))
-        folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]
-        run_id = last.get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder)
+        run_id = trial_id_of(result, last)
         failed = result.error is not None or not last.get("finished")
         outcomes[index] = {"run_id": str(run_id), "objective": math.nan if failed else float(last.get(METRIC, math.nan)),
                            "checkpoint": "" if failed else checkpoint_location(spec.search.storage,

@@ -42,7 +42,8 @@ from fer_tune.report.tensorboard import log_epoch
 from fer_tune.search.cluster import (check_storage, connect_ray, driver_node_resource, note_multi_node_storage,
                                      placement, train_storage)
 from fer_tune.search import finalists
-from fer_tune.search.results import final_outcomes, read_checkpoint, trial_confusions, trial_histories, trial_table
+from fer_tune.search.results import (final_histories, final_outcomes, healthy, read_checkpoint, trial_confusions,
+                                     trial_histories, trial_table)
 from fer_tune.search.space import SpaceSampler, known_recipes, make_sampler
 from fer_tune.search.trial import METRIC, make_trial, trains_in_trial
 from fer_tune.spec import Spec, describe_differences
@@ -123,7 +124,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
                                 f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
     trials = trial_table(spec, results)
     atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
-    if trials[trials["checkpoint"].astype(bool) & (trials["stop_reason"] != "errored")].empty:
+    if healthy(trials).empty:
         reasons = "; ".join(sorted(set(trials["error"].dropna().astype(str))))[:500]
         raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
     configs = {str(t): dict(r.config or {}) for t, r in zip(trials["trial_id"], results)}
@@ -317,17 +318,6 @@ def describe_comparison(comparison: dict) -> str:
     verdict = ("better" if low > 0 else "worse" if high < 0 else "no clear difference: the interval includes 0")
     return (f"found vs your recipe: test accuracy {100 * gap:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}] "
             f"({verdict}); McNemar p = {comparison['mcnemar']['p_value']:.3g}")
-
-
-def final_histories(final, runs: list) -> dict[str, list[dict]]:
-    """Each final run's per-epoch metrics, under its own run id."""
-    if final is None:
-        return {}
-    ids = []
-    for result in final:
-        folder = str(getattr(result, "path", "")).rstrip("/").rsplit("/", 1)[-1]
-        ids.append((result.metrics or {}).get("trial_id") or (folder.split("_")[1] if folder.count("_") > 1 else folder))
-    return trial_histories(pd.DataFrame({"trial_id": ids}), final)
 
 
 def write_finalists(report_dir: Path, runs: list, selection) -> None:
