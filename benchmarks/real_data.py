@@ -1,102 +1,192 @@
-"""P4-P6 real faces: the report's recipe against tuned recipes on FER2013 (48 px), held-out test.
+"""P4-P6 real faces: the report's two recipes against fer-tune's searches on FER2013 (48 px).
 
     python benchmarks/real_data.py --smoke            # wiring check on synthetic faces; numbers mean nothing
     python benchmarks/real_data.py                    # ../shared/data/fer2013-4k, 16 trials per search
-    python benchmarks/real_data.py --samples 32 --cpus-per-trial 4 --work runs/benchmarks/real_data
+    python benchmarks/real_data.py --table-only       # what has finished so far; trains nothing
 
 Every step is the CLI as a subprocess, on the same data (`--data-root`, default
-../shared/data/fer2013-4k: `data.source=folder`, 48 px, its own test split; skipped with a message
-when absent), each experiment's numbers read from its `report/metrics.json`:
+../shared/data/fer2013-4k: `data.source=folder`, 48 px, its own 399-face test split), each
+experiment's numbers read from its own files:
 
 1. the report's recipe, `fer-tune train search_spaces/report_baseline.yaml`, for efficientnet_b0
-   and for resnet50 (`--set model.backbone=resnet50`);
-2. `fer-tune run search_spaces/regularization.yaml` and `fer-tune run search_spaces/resnet50_fix.yaml`
-   with the same budget: the same `--samples` trials, epoch cap (the report's 20) and ASHA grace
-   period / reduction factor (the epochs each really spent are in the table);
-   so that each backbone has a search of its own, a backbone that neither search picked as its
-   best gets one more: regularization.yaml with `--set model.backbone=THAT_ONE`, same budget;
-3. each search's best config retrained from scratch with the report's epoch count:
-   `fer-tune train DIR/best/config.yaml --set train.epochs=20`.
+   and for resnet50 (`--set model.backbone=resnet50`), the report's 20 epochs;
+2. two arms of searches with the same budget (`--samples` trials, the 20-epoch cap, ASHA's grace
+   period and reduction factor, `--finalists` x `--finalist-seeds` full-budget re-runs):
+   - from scratch: `regularization.yaml` (efficientnet_b0 or resnet50) and `resnet50_fix.yaml`;
+   - ImageNet weights as a searchable choice: `pretrained.yaml` (tf_efficientnet_lite0 or
+     mobilenetv2_100, `model.pretrained: {choice: [null, imagenet]}`);
+   a backbone of an arm that its search did not pick gets a search of its own (P5), the same
+   space with `--set model.backbone=THAT_ONE`. A search's model is its winner: the finalist with
+   the best mean validation objective, already trained at full budget, tested once;
+3. every recipe and search winner evaluated, as trained, on a second test set no selection saw
+   (`--second-test`, default FER2013's 3,589-face PublicTest in ../shared/data/fer2013/test):
+   `fer-tune evaluate DIR --set data.source=folder --set data.root=...`.
 
-Table: test accuracy, macro F1, Cohen's kappa, each with its 95 % bootstrap interval; the best
-epoch's train accuracy (measured on the augmented training batches during that epoch, as
-fer-tune reports it); train - test gap; the epochs of that experiment and, for a retrained
-search winner, including its search. Targets printed at the end:
+Printed: a table (test accuracy and macro F1 with 95 % bootstrap intervals on both test sets,
+the best epoch's train accuracy, the train - test gap, epochs, wall) and, per arm:
 
-- P4 the tuned model (regularization.yaml's winner, retrained) >= the better of the report's two
-  recipes + 10 accuracy points;
-- P5 after its own search the weaker backbone reaches >= 0.95 x the stronger one's test accuracy
-  (per backbone, the retrained winner of its search(es) with the highest val objective: no
-  choice is made on test numbers);
-- P6 the tuned model's train - test accuracy gap <= 10 points.
+- P4 the search's winner minus the better of the report's two recipes (better on the 399-face
+  test), on each test set: the difference in accuracy with a paired 95 % bootstrap interval
+  over the same faces and McNemar's p. Met when >= +10 points with the interval above 0;
+- P5 after its own search, the weaker backbone's test accuracy / the stronger's (per backbone,
+  the search winner with the highest validation objective; no choice uses test numbers), >= 0.95;
+- P6 the winner's train - test accuracy gap <= 10 points.
 
-Finished experiments in --work are reused when the script runs again (an interrupted search
-resumes), so a long benchmark can be continued; `--table-only` prints the table of those finished
-so far, and the targets they can decide, without training anything.
+Finished experiments in --work are reused (an interrupted search resumes with `--resume`), so
+the benchmark runs in pieces across sessions; each piece's wall time is kept in
+--work/walls.json and the table adds them up. `--export DIR` writes each P4/P5 winner's complete
+config (data.root relative to the repository) as DIR/<experiment>.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import datetime
+import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from common import (FER2013, SEARCH_SPACES, REPO, epochs_spent, machine_header, markdown_table, read_metrics,
-                    run_cli, smoke_note, usable_cores, verdict)
+import numpy as np
+import pandas as pd
+import yaml
 
-BACKBONES = ("efficientnet_b0", "resnet50")
-SMOKE_BACKBONES = {"efficientnet_b0": "test_efficientnet", "resnet50": "test_resnet"}
+from common import (FER2013, REPO, SEARCH_SPACES, git_revision, machine_header, markdown_table, run_cli,
+                    smoke_note, usable_cores, verdict)
+
+RECIPES = ("efficientnet_b0", "resnet50")
+ARMS = {  # arm: (its main search, its spec, its backbones, its other searches)
+    "scratch": ("regularization", "regularization.yaml", ("efficientnet_b0", "resnet50"),
+                {"resnet50_fix": "resnet50_fix.yaml"}),
+    "imagenet": ("pretrained", "pretrained.yaml", ("tf_efficientnet_lite0", "mobilenetv2_100"), {}),
+}
+ARM_ORDER = ("imagenet", "scratch")  # the arm that can win first: it answers the question soonest
+SECOND_TEST = REPO.parent / "shared" / "data" / "fer2013" / "test"
+SMOKE_NAMES = {"efficientnet_b0": "test_efficientnet", "resnet50": "test_resnet",
+               "tf_efficientnet_lite0": "test_efficientnet", "mobilenetv2_100": "test_resnet"}
 SMOKE_DATA = ["data.source=synthetic", "data.synthetic.n=240", "data.synthetic.identities=40",
               "data.image_size=24", "data.split.val=40", "data.split.test=40"]
 
 
 class Bench:
-    def __init__(self, args, work: Path, data: list[str]):
-        self.args, self.work, self.data = args, work, data
-        self.common = [*data, f"resources.cpus_per_worker={args.cpus_per_trial:g}"]
-        self.walls: dict[str, float] = {}
+    """Runs (or reuses) each experiment in --work, and keeps each piece's wall time."""
 
-    def experiment(self, name: str, command: str, spec: Path, sets: list[str]) -> dict:
-        """Run (or reuse) one CLI experiment into work/name; its metrics.json."""
+    def __init__(self, args, work: Path, data: list[str], names: dict[str, str]):
+        self.args, self.work, self.data, self.names = args, work, data, names
+        self.common = [*data, f"resources.cpus_per_worker={args.cpus_per_trial:g}"]
+        self.spaces = SEARCH_SPACES  # the smoke run's are made small
+
+    def experiment(self, name: str, command: str, spec: Path, sets: list[str]) -> Path:
         out = self.work / name
         if (out / "report" / "metrics.json").is_file():
             print(f"{name}: reusing {out}", file=sys.stderr, flush=True)
-            return read_metrics(out)
-        if command == "train":
-            shutil.rmtree(out, ignore_errors=True)  # an unfinished `train` starts over; a `run` resumes
-        print(f"{name}: fer-tune {command} {spec.relative_to(REPO) if spec.is_relative_to(REPO) else spec} ...",
-              file=sys.stderr, flush=True)
-        self.walls[name] = run_cli([command, spec, "--out", out, *[a for s in sets for a in ("--set", s)]],
-                                   self.work / f"{name}.log")
-        return read_metrics(out)
+            return out
+        args = [command, spec, "--out", out]
+        if command == "run" and (out / "tune").is_dir():
+            args.append("--resume")  # an interrupted search goes on; an unfinished `train` starts over
+        elif out.exists():
+            import shutil
 
-    def search(self, name: str, spec: Path, sets: list[str]) -> dict:
+            shutil.rmtree(out)
+        print(f"{name}: fer-tune {' '.join(map(str, args[:2]))} ...", file=sys.stderr, flush=True)
+        with self.timed(name):
+            run_cli([*args, *[a for s in sets for a in ("--set", s)]], self.work / f"{name}.log")
+        return out
+
+    def recipe(self, backbone: str) -> Path:
+        return self.experiment(f"recipe_{backbone}", "train", SEARCH_SPACES / "report_baseline.yaml",
+                               [*self.common, f"model.backbone={self.names[backbone]}",
+                                f"train.epochs={self.args.epochs}"])
+
+    def search(self, name: str, spec_name: str, sets: list[str]) -> Path:
         a = self.args
-        budget = [f"search.num_samples={a.samples}", f"train.epochs={a.epochs}",
-                  "search.scheduler.type=asha", f"search.scheduler.grace_period={a.grace}",
-                  f"search.scheduler.reduction_factor={a.reduction_factor:g}"]
-        return self.experiment(name, "run", spec, [*self.common, *budget, *sets])
+        budget = [f"search.num_samples={a.samples}", f"train.epochs={a.epochs}", "search.scheduler.type=asha",
+                  f"search.scheduler.grace_period={a.grace}", f"search.scheduler.reduction_factor={a.reduction_factor:g}",
+                  f"search.searcher.startup_trials={a.startup}", f"search.finalists={a.finalists}",
+                  f"search.finalist_seeds={a.finalist_seeds}"]
+        return self.experiment(name, "run", self.spaces / spec_name, [*self.common, *budget, *sets])
 
-    def retrain(self, name: str) -> dict:
-        config = self.work / name / "best" / "config.yaml"
-        return self.experiment(f"{name}_retrained", "train", config, [f"train.epochs={self.args.epochs}"])
+    def second_test(self, name: str) -> Optional[Path]:
+        """The experiment's model evaluated on the second test set (None when there is none)."""
+        if self.args.second_test_sets is None:
+            return None
+        out = self.work / f"{name}_second_test"
+        if not (out / "metrics.json").is_file():
+            with self.timed(f"{name}_second_test"):
+                run_cli(["evaluate", self.work / name, "--out", out,
+                         *[a for s in self.args.second_test_sets for a in ("--set", s)]],
+                        self.work / f"{name}_second_test.log")
+        return out
+
+    class _Timed:
+        def __init__(self, bench: "Bench", name: str):
+            self.bench, self.name = bench, name
+
+        def __enter__(self):
+            self.started = time.time()
+            self.bench.record(self.name, {"started": self.started, "seconds": None, "revision": git_revision()})
+
+        def __exit__(self, *exc):
+            self.bench.record(self.name, {"started": self.started, "seconds": time.time() - self.started,
+                                          "revision": git_revision(), "finished": exc[0] is None})
+
+    def timed(self, name: str) -> "_Timed":
+        return self._Timed(self, name)
+
+    def record(self, name: str, piece: dict) -> None:
+        walls = read_walls(self.work)
+        pieces = [p for p in walls.get(name, []) if p["started"] != piece["started"]]
+        walls[name] = [*pieces, piece]
+        (self.work / "walls.json").write_text(json.dumps(walls, indent=1))
 
 
-def backbone_of(experiment: Path) -> str:
-    from fer_tune.specfile import read_spec
+def read_walls(work: Path) -> dict:
+    try:
+        return json.loads((work / "walls.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
+
+def wall_of(work: Path, name: str) -> str:
+    """Minutes an experiment took over all its pieces; a piece cut off (a session's end) counts up
+    to the last file it wrote."""
+    pieces = read_walls(work).get(name, [])
+    if not pieces:
+        return "n/a"
+    total = 0.0
+    for p in pieces:
+        if p["seconds"] is not None:
+            total += p["seconds"]
+        else:
+            last = max((f.stat().st_mtime for f in (work / name).rglob("*") if f.is_file()), default=p["started"])
+            total += max(0.0, last - p["started"])
+    return f"{total / 60:.0f} min" + (f" ({len(pieces)} pieces)" if len(pieces) > 1 else "")
+
+
+# --- reading results ---------------------------------------------------------------------------
+
+def metrics_of(folder: Path) -> dict:
+    path = folder / "report" / "metrics.json" if (folder / "report").is_dir() else folder / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def predictions_of(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "report" / "test_predictions.csv" if (folder / "report").is_dir()
+                       else folder / "test_predictions.csv")
+
+
+def config_of(experiment: Path) -> dict:
     best = experiment / "best" / "config.yaml"
-    return read_spec(best if best.is_file() else experiment / "spec.yaml").model.backbone
+    return yaml.safe_load((best if best.is_file() else experiment / "spec.yaml").read_text())
 
 
-def val_objective(experiment: Path, metrics: dict) -> float:
+def val_objective(experiment: Path) -> float:
     from fer_tune.specfile import read_spec
 
-    return read_spec(experiment / "spec.yaml").search.score(metrics.get("val", {}))
+    return read_spec(experiment / "spec.yaml").search.score(metrics_of(experiment).get("val", {}))
 
 
 def with_ci(metrics: dict, key: str) -> str:
@@ -107,149 +197,240 @@ def with_ci(metrics: dict, key: str) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def paired(a: pd.DataFrame, b: pd.DataFrame, labels: list[int]) -> dict:
+    """B minus A on the same faces (rows matched by image): accuracy difference, its paired 95 %
+    bootstrap interval and McNemar's exact p, from `fer_tune.metrics.paired_comparison`."""
+    from fer_tune import EXPRESSIONS
+    from fer_tune.metrics import paired_comparison
+
+    joined = a.merge(b, on="image", suffixes=("_a", "_b"), validate="one_to_one")
+    if len(joined) != len(a) or len(joined) != len(b):
+        raise SystemExit(f"the two models were not tested on the same faces ({len(a)} / {len(b)} / {len(joined)} shared)")
+    if not (joined["expression_a"] == joined["expression_b"]).all():
+        raise SystemExit("the two prediction files disagree on the true labels of the same faces")
+    probs = {side: np.stack([joined[f"p_{n}_{side}"].to_numpy() for n in EXPRESSIONS], axis=1) for side in "ab"}
+    out = paired_comparison({"expression": joined["expression_a"].to_numpy()}, {"expression": probs["a"]},
+                            {"expression": probs["b"]}, labels=labels)
+    low, high = out["ci95"]["expression"]["accuracy"]
+    return {"difference": out["difference"]["expression"]["accuracy"], "low": low, "high": high,
+            "p": out["mcnemar"]["p_value"], "faces": len(joined)}
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=FER2013, help="a FER2013-style folder dataset")
+    parser.add_argument("--second-test", type=Path, default=SECOND_TEST,
+                        help="a class folder of test faces no selection sees (default FER2013 PublicTest)")
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--samples", type=int, default=16, help="trials per search (the same for every search)")
-    parser.add_argument("--epochs", type=int, help="epoch cap of the searches and of every retrain "
-                                                   "(default: report_baseline.yaml's train.epochs, the report's 20)")
-    parser.add_argument("--grace", type=int, default=2, help="ASHA grace period of every search")
+    parser.add_argument("--startup", type=int, help="TPE's random start-up trials (default: a third of --samples)")
+    parser.add_argument("--epochs", type=int, help="epoch cap of the searches, the finalists and the recipes "
+                                                   "(default: report_baseline.yaml's, the report's 20)")
+    parser.add_argument("--grace", type=int, default=3, help="ASHA grace period of every search")
     parser.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA reduction factor of every search")
+    parser.add_argument("--finalists", type=int, default=3, help="search.finalists of every search")
+    parser.add_argument("--finalist-seeds", type=int, default=2, help="search.finalist_seeds of every search")
     parser.add_argument("--cpus-per-trial", type=float, default=float(min(4, usable_cores())),
                         help="resources.cpus_per_worker (torch threads of each training)")
+    parser.add_argument("--arms", nargs="+", choices=ARM_ORDER, default=list(ARM_ORDER))
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "benchmarks" / "real_data",
                         help="experiments go (and are reused from) here")
+    parser.add_argument("--export", type=Path, help="write each P4/P5 winner's config as EXPORT/<experiment>.yaml")
     parser.add_argument("--smoke", action="store_true",
-                        help="synthetic faces, test_efficientnet / test_resnet, 1 epoch, 2 trials, temporary --work")
+                        help="synthetic faces, tiny backbones, 1 epoch, 2 trials, temporary --work")
     parser.add_argument("--table-only", action="store_true",
-                        help="train nothing: print the table of the experiments already finished in --work "
-                             "(a benchmark run in pieces) and the targets they can decide")
+                        help="train nothing: the table of what has finished in --work and the targets it decides")
     args = parser.parse_args(argv)
 
     from fer_tune.specfile import load_spec
 
-    recipe_spec = SEARCH_SPACES / "report_baseline.yaml"
-    report_epochs = load_spec(recipe_spec, ["data.source=synthetic"]).train.epochs
-    names = {b: b for b in BACKBONES}
+    names = {b: b for b in SMOKE_NAMES}
     print(machine_header("P4-P6 real faces (benchmarks/real_data.py)"))
-    if args.table_only:
-        finished = {name: read_metrics(args.work / name) for name in experiment_names()
-                    if (args.work / name / "report" / "metrics.json").is_file()}
-        print(f"table only: the experiments finished in {args.work}; nothing trained now\n")
-        summarize(finished, [n for n in SEARCH_NAMES if n in finished], names, args.work, None, False)
-        return 0
+    args.second_test_sets = ["data.source=folder", f"data.root={args.second_test.resolve()}"]
     if args.smoke:
         args.samples, args.epochs, args.grace, args.reduction_factor = 2, 1, 1, 2.0
-        names = dict(SMOKE_BACKBONES)
+        args.finalists, args.finalist_seeds, args.startup = 1, 1, 1
+        names = dict(SMOKE_NAMES)
         data = list(SMOKE_DATA)
     else:
-        if not (args.data_root / "train").is_dir():
+        if not (args.data_root / "train").is_dir() and not args.table_only:
             print(f"skipped: no dataset at {args.data_root} (expected FER2013's train/<class>/*.jpg and "
                   f"test/<class>/*.jpg; give another with --data-root)")
             return 0
         data = ["data.source=folder", f"data.root={args.data_root.resolve()}", f"data.image_size={args.image_size}"]
-    args.epochs = args.epochs or report_epochs
+        if not args.second_test.is_dir():
+            print(f"note: no second test set at {args.second_test}; only the 399-face test is used")
+            args.second_test_sets = None
+    args.epochs = args.epochs or load_spec(SEARCH_SPACES / "report_baseline.yaml", ["data.source=synthetic"]).train.epochs
+    args.startup = args.startup or max(1, args.samples // 3)
 
     with tempfile.TemporaryDirectory(prefix="fer-tune-p4-") as tmp:
         work = Path(tmp) if args.smoke else args.work
         work.mkdir(parents=True, exist_ok=True)
-        bench = Bench(args, work, data)
+        bench = Bench(args, work, data, names)
+        if args.smoke:
+            smoke_setup(bench, Path(tmp))
         print(smoke_note(args.smoke) + f"data: {' '.join(data)}; {args.cpus_per_trial:g} CPU(s) per training; "
-              f"searches: {args.samples} trials, cap {args.epochs} epochs, ASHA grace {args.grace}, reduction "
-              f"factor {args.reduction_factor:g}; retrains and recipes: {args.epochs} epochs; work: {work}\n",
+              f"searches: {args.samples} trials ({args.startup} random start-up), cap {args.epochs} epochs, ASHA "
+              f"grace {args.grace}, reduction factor {args.reduction_factor:g}, {args.finalists} finalist(s) x "
+              f"{args.finalist_seeds} more seed(s) and your recipe; recipes: {args.epochs} epochs; work: {work}\n",
               flush=True)
-        started = time.perf_counter()
-        results: dict[str, dict] = {}
-        for b in BACKBONES:  # 1. the report's recipe
-            results[f"recipe_{b}"] = bench.experiment(f"recipe_{b}", "train", recipe_spec,
-                                                      [*bench.common, f"model.backbone={names[b]}",
-                                                       f"train.epochs={args.epochs}"])
-        smoke_space = ([f"space.model.backbone={{choice: [{names['efficientnet_b0']}, {names['resnet50']}]}}",
-                        "space.train.lr={loguniform: [1.0e-3, 1.0e-2]}"] if args.smoke else [])
-        searches = {"regularization": (SEARCH_SPACES / "regularization.yaml", smoke_space),
-                    "resnet50_fix": (SEARCH_SPACES / "resnet50_fix.yaml",
-                                     [f"model.backbone={names['resnet50']}"] if args.smoke else [])}
-        for name, (spec, sets) in searches.items():  # 2. the searches, same budget
-            results[name] = bench.search(name, spec, sets)
-        picked = {backbone_of(work / name) for name in searches}
-        for b in BACKBONES:  # a backbone no search picked gets a search of its own
-            if names[b] not in picked:
-                name = f"regularization_{b}"
-                searches[name] = (SEARCH_SPACES / "regularization.yaml", [*smoke_space, f"model.backbone={names[b]}"])
-                results[name] = bench.search(name, *searches[name])
-        for name in searches:  # 3. the winners retrained with the report's epoch count
-            results[f"{name}_retrained"] = bench.retrain(name)
-        summarize(results, list(searches), names, work, time.perf_counter() - started, args.smoke)
+        if not args.table_only:
+            run_all(bench)
+        summarize(bench)
     return 0
 
 
-SEARCH_NAMES = ["regularization", "resnet50_fix", *(f"regularization_{b}" for b in BACKBONES)]
+def smoke_setup(bench: Bench, tmp: Path) -> None:
+    """Smoke stand-ins: the shipped spaces with tiny backbones (SMOKE_NAMES), a tiny weights file in
+    `imagenet`'s place (for test_resnet only), a synthetic csv dataset as the second test set."""
+    import timm
+    import torch
+
+    weights = tmp / "tiny_resnet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+
+    def tiny(node):
+        if isinstance(node, dict):
+            return {k: tiny(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [tiny(v) for v in node]
+        return str(weights) if node == "imagenet" else SMOKE_NAMES.get(node, node) if isinstance(node, str) else node
+
+    for spec_name in {s for _, s, _, others in ARMS.values() for s in [s, *others.values()]}:
+        raw = tiny(yaml.safe_load((SEARCH_SPACES / spec_name).read_text()))
+        if "model.pretrained" in raw.get("space", {}):
+            raw["space"]["model.pretrained"]["when"] = {"model.backbone": "test_resnet"}
+        (tmp / spec_name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    bench.spaces = tmp
+    run_cli(["data", "synth", "--out", tmp / "second", "--n", "60", "--seed", "7", "--size", "24"], tmp / "synth.log")
+    bench.args.second_test_sets = ["data.source=csv", f"data.root={tmp / 'second'}"]
 
 
-def experiment_names() -> list[str]:
-    """Every experiment this benchmark can run, in its order."""
-    return [*(f"recipe_{b}" for b in BACKBONES), *SEARCH_NAMES, *(f"{n}_retrained" for n in SEARCH_NAMES)]
+def searches_of(bench: Bench, arm: str) -> dict[str, tuple[str, list[str]]]:
+    """An arm's searches: name -> (spec file, extra --set values), P5's own-backbone searches included
+    once the main search has picked its backbone."""
+    main_name, spec_name, backbones, others = ARMS[arm]
+    found = {main_name: (spec_name, []), **{n: (s, []) for n, s in others.items()}}
+    picked = {config_of(bench.work / n)["model"]["backbone"] for n in found if (bench.work / n / "best").is_dir()}
+    if (bench.work / main_name / "best").is_dir():
+        for b in backbones:
+            if bench.names[b] not in picked:
+                found[f"{main_name}_{b}"] = (spec_name, [f"model.backbone={bench.names[b]}"])
+    return found
 
 
-def summarize(results: dict[str, dict], searches: list[str], names: dict[str, str], work: Path,
-              total_wall: Optional[float], smoke_run: bool) -> None:
-    """The table and the three target lines (a target whose experiments are missing says which)."""
-    rows = []
-    for name, m in results.items():
-        own = epochs_spent(m)
-        search = results.get(name.removesuffix("_retrained"), {}) if name.endswith("_retrained") else {}
-        search_epochs = epochs_spent(search)
-        train_acc, test_acc = m.get("train_accuracy"), m.get("expression", {}).get("accuracy")
-        gap = f"{100 * (train_acc - test_acc):+.1f} pts" if train_acc is not None and test_acc is not None else "n/a"
-        rows.append([name, backbone_of(work / name) if (work / name).exists() else "?",
-                     with_ci(m, "accuracy"), with_ci(m, "f1_macro"), with_ci(m, "kappa"),
-                     f"{train_acc:.3f}" if train_acc is not None else "n/a", gap, f"{m.get('best_epoch', '?')}",
-                     f"{own}", f"{own + search_epochs}"])
-    print(markdown_table(["experiment", "backbone", "test accuracy [95 % CI]", "macro F1 [95 % CI]",
-                          "kappa [95 % CI]", "best-epoch train acc", "train - test", "best epoch", "epochs",
-                          "epochs incl. search"], rows))
+def run_all(bench: Bench) -> None:
+    for b in RECIPES:
+        bench.recipe(b)
+        bench.second_test(f"recipe_{b}")
+    for arm in bench.args.arms:
+        done: set[str] = set()
+        while pending := [n for n in searches_of(bench, arm) if n not in done]:
+            for name in pending:
+                spec_name, sets = searches_of(bench, arm)[name]
+                bench.search(name, spec_name, sets)
+                bench.second_test(name)
+                done.add(name)
+    if bench.args.export:
+        export_winners(bench)
+
+
+def export_winners(bench: Bench) -> None:
+    """Each search winner's complete config, data.root relative to the repository, to retrain anywhere."""
+    bench.args.export.mkdir(parents=True, exist_ok=True)
+    for arm in bench.args.arms:
+        for name in searches_of(bench, arm):
+            best = bench.work / name / "best" / "config.yaml"
+            if not best.is_file():
+                continue
+            config = yaml.safe_load(best.read_text())
+            root = config.get("data", {}).get("root")
+            if root:
+                config["data"]["root"] = os.path.relpath(root, REPO)
+            header = (f"# {name}: the winner of benchmarks/real_data.py's {arm} arm "
+                      f"({datetime.date.today().isoformat()}, fer-tune {git_revision()}).\n"
+                      f"# Retrain: fer-tune train benchmarks/results/{name}.yaml (paths relative to the repository)\n")
+            (bench.args.export / f"{name}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+            print(f"exported {bench.args.export / f'{name}.yaml'}", file=sys.stderr)
+
+
+def summarize(bench: Bench) -> None:
+    work, names = bench.work, bench.names
+    rows, finished = [], {}
+    candidates = [f"recipe_{b}" for b in RECIPES] + [n for arm in ARM_ORDER for n in searches_of(bench, arm)]
+    for name in candidates:
+        m = metrics_of(work / name)
+        if not m:
+            continue
+        finished[name] = m
+        second = metrics_of(work / f"{name}_second_test")
+        config = config_of(work / name)
+        train_acc, test_acc = m.get("train_accuracy"), m["expression"]["accuracy"]
+        gap = f"{100 * (train_acc - test_acc):+.1f} pts" if train_acc is not None else "n/a"
+        rows.append([name, config["model"]["backbone"], config["model"].get("pretrained") or "none",
+                     with_ci(m, "accuracy"), with_ci(m, "f1_macro"),
+                     with_ci(second, "accuracy") if second else "n/a", with_ci(second, "f1_macro") if second else "n/a",
+                     f"{train_acc:.3f}" if train_acc is not None else "n/a", gap,
+                     str(m.get("epochs_spent", m.get("epochs_run", "?"))), wall_of(work, name)])
+    test_name = f"test ({finished[next(iter(finished))]['test_images']})" if finished else "test"
+    second_name = "second test"
+    for name in finished:
+        second = metrics_of(work / f"{name}_second_test")
+        if second:
+            second_name = f"second test ({second['test_images']})"
+            break
+    print(markdown_table(["experiment", "backbone", "pretrained", f"{test_name} accuracy [95 % CI]", "macro F1",
+                          f"{second_name} accuracy", "macro F1", "best-epoch train acc", "train - test",
+                          "epochs (all trials)", "wall"], rows))
     print()
-    if searches:
-        budgets = ", ".join(f"{n} {epochs_spent(results[n])}" for n in searches)
-        print(f"search epochs spent (same trials, cap and ASHA for each): {budgets}")
-    if total_wall is not None:  # None: --table-only, nothing ran now
-        print(f"total wall (this invocation, reused experiments not counted): {total_wall / 60:.1f} min")
-    smoke = " [smoke]" if smoke_run else ""
-
-    acc = {name: m.get("expression", {}).get("accuracy", float("nan")) for name, m in results.items()}
-    tuned = "regularization_retrained"
-    recipes = [f"recipe_{b}" for b in BACKBONES]
-    missing = [n for n in [*recipes, tuned] if n not in results]
-    if missing:
-        print(f"P4 tuned vs the better recipe: not measured yet (missing: {', '.join(missing)}){smoke}")
-    else:
-        better_recipe = max(BACKBONES, key=lambda b: acc[f"recipe_{b}"])
-        lift = acc[tuned] - acc[f"recipe_{better_recipe}"]
-        print(f"P4 tuned ({tuned}, {backbone_of(work / tuned)}) - better recipe ({better_recipe}): "
-              f"{acc[tuned]:.3f} - {acc[f'recipe_{better_recipe}']:.3f} = {100 * lift:+.1f} points "
-              f"(target >= +10: {verdict(lift, 0.10 - 1e-9, higher_is_better=True)}){smoke}")
-    per_backbone = {}
-    for b in BACKBONES:  # the retrained winner with the best val objective, per backbone
-        candidates = [n for n in results if n.endswith("_retrained") and backbone_of(work / n) == names[b]]
-        if candidates:
-            per_backbone[b] = max(candidates, key=lambda n: val_objective(work / n, results[n]))
-    if len(per_backbone) < len(BACKBONES):
-        lacking = [b for b in BACKBONES if b not in per_backbone]
-        print(f"P5 weaker / stronger backbone after its own search: not measured yet (no retrained search "
-              f"winner for {', '.join(lacking)}){smoke}")
-    else:
-        weaker, stronger = sorted(BACKBONES, key=lambda b: acc[per_backbone[b]])
-        share = acc[per_backbone[weaker]] / acc[per_backbone[stronger]]
-        print(f"P5 weaker / stronger backbone after its own search: {weaker} {acc[per_backbone[weaker]]:.3f} "
-              f"({per_backbone[weaker]}) / {stronger} {acc[per_backbone[stronger]]:.3f} ({per_backbone[stronger]}) "
-              f"= {share:.3f} (target >= 0.95: {verdict(share, 0.95, higher_is_better=True)}){smoke}")
-    if tuned not in results:
-        print(f"P6 train - test gap of the tuned model: not measured yet (missing: {tuned}){smoke}")
-    else:
-        tuned_gap = (results[tuned].get("train_accuracy") or float("nan")) - acc[tuned]
-        print(f"P6 train - test gap of the tuned model: {100 * tuned_gap:+.1f} points "
-              f"(target <= 10: {verdict(tuned_gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
+    smoke = " [smoke]" if bench.args.smoke else ""
+    recipes = [f"recipe_{b}" for b in RECIPES]
+    for arm in ARM_ORDER:
+        main_name, _, backbones, _ = ARMS[arm]
+        label = f"[{arm}]"
+        if any(r not in finished for r in recipes) or main_name not in finished:
+            missing = [n for n in [*recipes, main_name] if n not in finished]
+            print(f"P4 {label} winner - better recipe: not measured yet (missing: {', '.join(missing)}){smoke}")
+        else:
+            better = max(recipes, key=lambda r: finished[r]["expression"]["accuracy"])
+            for which, suffix in (("test", ""), ("second test", "_second_test")):
+                a, b = work / f"{better}{suffix}", work / f"{main_name}{suffix}"
+                if not metrics_of(a) or not metrics_of(b):
+                    print(f"P4 {label} on the {which}: not measured yet{smoke}")
+                    continue
+                d = paired(predictions_of(a), predictions_of(b), metrics_of(b)["labels"])
+                met = d["difference"] >= 0.10 - 1e-9 and d["low"] > 0
+                print(f"P4 {label} {main_name} - {better} on the {which} ({d['faces']} faces): "
+                      f"{100 * d['difference']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], "
+                      f"McNemar p {d['p']:.2g} (target >= +10 with the interval above 0: "
+                      f"{'met' if met else 'NOT met'}){smoke}")
+        per_backbone = {}
+        for n in searches_of(bench, arm):
+            if n in finished:
+                b = config_of(work / n)["model"]["backbone"]
+                if b not in per_backbone or val_objective(work / n) > val_objective(work / per_backbone[b]):
+                    per_backbone[b] = n
+        wanted = [names[b] for b in backbones]
+        if any(b not in per_backbone for b in wanted):
+            lacking = [b for b in wanted if b not in per_backbone]
+            print(f"P5 {label} weaker / stronger backbone after its own search: not measured yet (no search winner "
+                  f"for {', '.join(lacking)}){smoke}")
+        else:
+            acc = {b: finished[per_backbone[b]]["expression"]["accuracy"] for b in wanted}
+            weaker, stronger = sorted(wanted, key=lambda b: acc[b])
+            share = acc[weaker] / acc[stronger]
+            print(f"P5 {label} weaker / stronger backbone after its own search: {weaker} {acc[weaker]:.3f} "
+                  f"({per_backbone[weaker]}) / {stronger} {acc[stronger]:.3f} ({per_backbone[stronger]}) = "
+                  f"{share:.3f} (target >= 0.95: {verdict(share, 0.95, higher_is_better=True)}){smoke}")
+        if main_name not in finished or finished[main_name].get("train_accuracy") is None:
+            print(f"P6 {label} train - test gap of the winner: not measured yet{smoke}")
+        else:
+            gap = finished[main_name]["train_accuracy"] - finished[main_name]["expression"]["accuracy"]
+            print(f"P6 {label} train - test gap of {main_name}'s winner: {100 * gap:+.1f} points "
+                  f"(target <= 10: {verdict(gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
 
 
 if __name__ == "__main__":
