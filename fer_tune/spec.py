@@ -373,6 +373,59 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _freeze_fits_the_epochs(self) -> "Spec":
+        t = self.train
+        if t.freeze_epochs and t.freeze_epochs >= t.epochs:
+            raise ValueError(f"train.freeze_epochs {t.freeze_epochs} is not below train.epochs {t.epochs}: the "
+                             f"backbone would never train; lower freeze_epochs or raise epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _search_fits_its_trials(self) -> "Spec":
+        search = self.search
+        if self.space and search.finalists > search.num_samples:
+            raise ValueError(f"search.finalists {search.finalists} is above search.num_samples "
+                             f"{search.num_samples}: there are not that many trials to re-train; lower finalists "
+                             f"or raise num_samples")
+        return self
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> "Spec":
+        split, data = self.data.split, self.data
+        counts = [v for v in (split.val, split.test) if v >= 1]
+        fractions = sum(v for v in (split.val, split.test) if v < 1)
+        if fractions >= 1:
+            raise ValueError(f"data.split.val {split.val:g} and data.split.test {split.test:g} take the whole "
+                             f"dataset: nothing is left to train on; lower them")
+        if data.source == "synthetic":
+            left = data.synthetic.n * (1 - fractions) - sum(counts)
+            if left < 1:
+                raise ValueError(f"data.split.val {split.val:g} and data.split.test {split.test:g} take all "
+                                 f"data.synthetic.n {data.synthetic.n} faces: nothing is left to train on; lower "
+                                 f"them or raise n")
+        return self
+
+    @model_validator(mode="after")
+    def _conditions_can_hold(self) -> "Spec":
+        """A `when` that no trial can meet leaves its entry dead: almost always a typo."""
+        base = self.model_dump(mode="json", exclude={"space"})
+        for key, entry in self.space_entries():
+            for field, allowed in entry.when.items():
+                if field in self.space:
+                    drawers = [e for k, e in self.space_entries() if k == field]
+                    possible = any(e.cannot_draw(v) is None for e in drawers for v in allowed)
+                    # a conditional drawer leaves the base value to trials it does not apply to
+                    possible = possible or (any(e.when for e in drawers) and _safe_get(base, field) in allowed)
+                else:
+                    possible = _safe_get(base, field) in allowed
+                if not possible:
+                    raise ValueError(f"space entry '{key}': when {field} in {allowed}, which no trial can have "
+                                     f"({field} is {_safe_get(base, field)!r} and "
+                                     f"{'its entries never draw those' if field in self.space else 'not searched'}); "
+                                     f"the entry would never apply")
+        return self
+
+    @model_validator(mode="after")
     def _space_names_fields(self) -> "Spec":
         base = self.model_dump(mode="json", exclude={"space"})
         base["search"]["points"] = []  # points are checked against the space by _known_recipes_fit_the_space
@@ -383,6 +436,9 @@ class Spec(Strict):
                     _check_space_key(cond_key, base)
                 for value in entry.extremes():
                     trial = copy.deepcopy(base)
+                    for cond_key, allowed in entry.when.items():  # as in a trial the entry applies to
+                        if _safe_get(trial, cond_key) not in allowed:
+                            set_path(trial, cond_key, allowed[0])
                     set_path(trial, key, value)
                     try:
                         Spec.model_validate(trial)
@@ -492,6 +548,12 @@ class Spec(Strict):
                 walked[key] = (entry, draw(key, entry) if draw else get_path(base, key))
         return walked
 
+    def with_drawn(self, key: str, entry: "SpaceEntry", value: Any) -> "Spec":
+        """A trial's spec where `entry` drew `value`: its `when` fields set to values it applies to."""
+        raw = self.model_dump(mode="json")
+        values = {field: allowed[0] for field, allowed in entry.when.items() if _safe_get(raw, field) not in allowed}
+        return self.with_values({**values, key: value})
+
     def with_values(self, values: dict[str, Any], keep_space: bool = False) -> "Spec":
         """This spec with dotted-path values set (a trial's config), validated again."""
         raw = self.model_dump(mode="json")
@@ -513,6 +575,15 @@ def describe_differences(before: Any, now: Any, before_label: str, now_label: st
                 for d in describe_differences(before.get(key), now.get(key), before_label, now_label,
                                               f"{path}.{key}" if path else key)]
     return [] if before == now else [f"{path}: {before_label} {before!r}, {now_label} {now!r}"]
+
+
+def _safe_get(raw: dict, key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _check_space_key(key: str, base: dict) -> None:

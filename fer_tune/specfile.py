@@ -54,7 +54,7 @@ def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHE
         set_path(raw, key, resolved)
     for space_key, entry in spec.space_entries():
         for extreme in entry.extremes():
-            trial = spec.with_values({space_key: extreme})
+            trial = spec.with_drawn(space_key, entry, extreme)
             for key, check in checks:
                 problem, _ = check(trial, _get(trial, key))
                 if problem:

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from fer_tune.cli import main
 from fer_tune.errors import UserError
 from fer_tune.spec import Spec, validate_spec
 from fer_tune.specfile import load_spec, read_spec
@@ -216,3 +217,36 @@ def test_asha_grace_must_fit_the_epochs_and_defaults_to_what_p3_measured(tiny_sp
                                                    "search.scheduler.max_t=2")
     default = load_spec(tiny_spec).search.scheduler
     assert default.grace_period is None and default.grace(20) == 3 and default.grace(2) == 2
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.epochs=3", "train.freeze_epochs=3"],
+     "train.freeze_epochs 3 is not below train.epochs 3: the backbone would never train"),
+    (["space.model.dropout={uniform: [0.0, 0.5]}", "search.num_samples=2", "search.finalists=3"],
+     "search.finalists 3 is above search.num_samples 2: there are not that many trials to re-train"),
+    (["data.synthetic.n=40", "data.split.val=20", "data.split.test=20"],
+     "data.split.val 20 and data.split.test 20 take all data.synthetic.n 40 faces: nothing is left to train on"),
+    (["data.split.val=0.6", "data.split.test=0.4"],
+     "data.split.val 0.6 and data.split.test 0.4 take the whole dataset"),
+    (["space.train.momentum={uniform: [0.8, 0.95], when: {train.optimizer: sgd}}"],
+     "space entry 'train.momentum': when train.optimizer in ['sgd'], which no trial can have (train.optimizer is "
+     "'adamw' and not searched); the entry would never apply"),
+    (["space.train.optimizer={choice: [adamw]}", "space.train.momentum={uniform: [0.8, 0.95], when: {train.optimizer: sgd}}"],
+     "its entries never draw those"),
+])
+def test_fields_valid_alone_but_not_together_are_one_line_naming_both(tiny_spec, overrides, expected, capsys,
+                                                                     tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_spec), "--out", str(out), *[a for o in overrides for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_conditional_entry_is_checked_as_the_trials_it_applies_to_would_run(tiny_spec):
+    # freeze_epochs 4 only ever runs with 10 epochs; with the base 1 epoch it would be refused
+    spec = load_spec(tiny_spec, ["train.epochs=1", "space.train.epochs={choice: [1, 10]}",
+                                 "space.train.freeze_epochs={choice: [0, 4], when: {train.epochs: 10}}"])
+    assert spec.space["train.freeze_epochs"].when == {"train.epochs": [10]}
+    assert "train.freeze_epochs 4 is not below train.epochs 1" in error_of(
+        tiny_spec, "train.epochs=1", "space.train.freeze_epochs={choice: [0, 4]}")
