@@ -8,6 +8,7 @@ report` never pays for importing Ray, nor `fer-tune predict` for the search.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -31,7 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fer-tune: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in FULL_OR_READ_ONLY:
+            raise  # anything else is a bug to see in full
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"fer-tune: error: {err.strerror or err}{where}; files are written whole or not at all, so what "
+              f"had finished is kept: free space (or make it writable) and run the same command again "
+              f"(a search: with --resume)", file=sys.stderr)
+        return 2
     return 0
+
+
+FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""OSErrors a user fixes on their machine, not in fer-tune: one line, as for a UserError."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,13 +6,15 @@ A crash mid-write leaves the old file (or none), never a half-written one that a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from fer_tune.errors import UserError
+from fer_tune.yaml_text import safe_yaml
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -46,6 +48,37 @@ def atomic_save_npy(path: Path, array) -> None:
     atomic_write(path, write)
 
 
+LOCK_FILE = ".fer-tune.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path) -> Iterator[None]:
+    """Hold `out` for this command: a second fer-tune command on the same folder refuses at once.
+
+    An advisory `flock` on out/.fer-tune.lock, released when the command ends, however it ends
+    (the kernel drops it with the process), so a crashed run never leaves the folder locked.
+    """
+    import fcntl
+
+    path = Path(out) / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{out} is in use by another fer-tune command ({holder}); wait for it to end, "
+                            f"or use another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 def check_writable(out: Path) -> None:
     """Create the output folder `out` if needed and prove a file can be written in it."""
     out = Path(out)
@@ -70,6 +103,9 @@ def read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a spec YAML file")
     try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes is not a spec (they are a few kB; the limit is "
+                            f"{MAX_SPEC_BYTES:,})")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
@@ -77,7 +113,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as err:
         raise UserError(f"{path}: cannot read spec file ({err.strerror or err})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_yaml(text, str(path))
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -88,3 +124,7 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (data:, model:, ...), got {type(raw).__name__}")
     return raw
+
+
+MAX_SPEC_BYTES = 1_000_000
+"""A spec or config.yaml is a few kB; reading and parsing a file past this is refused."""

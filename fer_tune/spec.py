@@ -17,6 +17,7 @@ import builtins
 import copy
 import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -24,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fer_tune.errors import UserError
+from fer_tune.yaml_text import safe_yaml
 
 OBJECTIVE_METRICS = (
     "expression_accuracy", "expression_f1", "expression_kappa", "expression_auc_roc", "expression_auc_pr",
@@ -443,7 +445,7 @@ class Spec(Strict):
                     try:
                         Spec.model_validate(trial)
                     except ValidationError as err:
-                        raise ValueError(f"space entry '{key}': value {value!r} is invalid: "
+                        raise ValueError(f"space entry '{key}': value {short_repr(value)} is invalid: "
                                          f"{_first_error(err)}") from None
         return self
 
@@ -577,6 +579,13 @@ def describe_differences(before: Any, now: Any, before_label: str, now_label: st
     return [] if before == now else [f"{path}: {before_label} {before!r}, {now_label} {now!r}"]
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    short = reprlib.Repr()  # Python 3.11's takes no keywords
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _safe_get(raw: dict, key: str) -> Any:
     node: Any = raw
     for part in key.split("."):
@@ -640,7 +649,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise UserError(f"--set '{text}': the key before '=' is empty")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = safe_yaml(value, f"--set {key}") if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key, parsed
@@ -691,7 +700,7 @@ def _first_error(err: ValidationError) -> str:
         return f"unknown key '{where}'" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
-    shown = "" if e["type"] in ("missing", "value_error") or isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if e["type"] in ("missing", "value_error") or isinstance(value, dict) else f" (got {short_repr(value)})"
     kinds = [p for p in loc[2:] if p in ("uniform", "loguniform", "int")] if loc and loc[0] == "space" else []
     if kinds:
         shown += f"; {kinds[0]} takes [low, high]"

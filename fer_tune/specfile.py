@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 from fer_tune.errors import UserError
 from fer_tune.io import read_yaml
 from fer_tune.layout import find_model, is_experiment
-from fer_tune.spec import Spec, apply_overrides, set_path, validate_spec
+from fer_tune.spec import Spec, short_repr, apply_overrides, describe_differences, set_path, validate_spec
 from fer_tune.weights import imagenet_file
 
 CHECKED_SECTIONS = ("data", "model", "distill", "search")
@@ -58,7 +58,7 @@ def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHE
             for key, check in checks:
                 problem, _ = check(trial, _get(trial, key))
                 if problem:
-                    raise UserError(f"{source}: space entry '{space_key}': value {extreme!r} is invalid: {problem}")
+                    raise UserError(f"{source}: space entry '{space_key}': value {short_repr(extreme)} is invalid: {problem}")
     _check_drawn_together(spec, source, checks)
     for key, entries in raw.get("space", {}).items():
         check = _CHECKS.get(key)
@@ -69,6 +69,34 @@ def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHE
                 entry["choice"] = [check(spec, value)[1] for value in entry["choice"]]
     checked = validate_spec(raw, source=source)
     return spec if checked == spec else checked
+
+
+def check_same_experiment(spec: Spec, out: Path, resume: bool = False, search: bool = True) -> None:
+    """Refuse, touching nothing, an --out that holds another experiment (or, for `--resume`, none).
+
+    The same spec may go on in its folder (`run --resume`) or be trained again (`train`); a folder
+    whose spec differs, whose spec is unreadable, or that holds a search when `train` asks for
+    it (search=False), is never written to.
+    """
+    out = Path(out)
+    saved = out / "spec.yaml"
+    if not saved.exists():
+        if resume:
+            raise UserError(f"--resume: {out} holds no experiment to resume (no spec.yaml)")
+        return
+    try:
+        before = read_spec(saved)
+    except UserError:
+        raise UserError(f"{saved}: the experiment folder's spec is unreadable; use another --out") from None
+    differences = describe_differences(before.model_dump(mode="json"), spec.model_dump(mode="json"),
+                                       "folder has", "this spec has")
+    if differences:
+        raise UserError(f"{out} holds a different experiment ({differences[0]}"
+                        f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); "
+                        f"use another --out, or the same spec and --set values to resume it")
+    if not search and (out / "tune").exists():
+        raise UserError(f"{out} holds a search of this spec (tune/); `fer-tune train` would overwrite its best "
+                        f"model: use another --out")
 
 
 def _check_drawn_together(spec: Spec, source: str, checks: list) -> None:

@@ -325,7 +325,7 @@ def csv_path_escapes_the_dataset_root(tmp):
 @case
 def split_larger_than_data(tmp):
     return ["train", spec(tmp), "--set", "data.split.test=100000", "--out", tmp / "run"], [
-        "data.split.test: 100000 images", "only 160", "smaller count or a fraction"]
+        "data.split.val 0.2 and data.split.test 100000 take all data.synthetic.n 160 faces", "lower them"]
 
 
 @case

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS = {
     # module prefix -> layer (the longest matching prefix wins); see README "Layout"
-    "fer_tune": 1, "fer_tune.errors": 1, "fer_tune.io": 1, "fer_tune.layout": 1,
+    "fer_tune": 1, "fer_tune.errors": 1, "fer_tune.io": 1, "fer_tune.layout": 1, "fer_tune.yaml_text": 1,
     "fer_tune.spec": 2, "fer_tune.specfile": 2, "fer_tune.weights": 2,
     "fer_tune.model": 3, "fer_tune.losses": 3, "fer_tune.mixing": 3, "fer_tune.metrics": 3,
     "fer_tune.data": 3,

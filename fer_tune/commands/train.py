@@ -12,12 +12,12 @@ from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import evaluate_on_test, format_test
 from fer_tune.engine.loop import TrainingDiverged, fit
 from fer_tune.errors import UserError, one_line
-from fer_tune.io import atomic_write_text, check_writable
+from fer_tune.io import atomic_write_text, check_writable, folder_lock
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
 from fer_tune.spec import Spec
-from fer_tune.specfile import check_spec
+from fer_tune.specfile import check_same_experiment, check_spec
 
 
 def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
@@ -25,12 +25,18 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
     started = time.time()
     spec = check_spec(spec, source=spec.name)  # a spec made in code is checked like a loaded one (cheap, idempotent)
     out = Path(out)
-    check_writable(out)
-    device = choose_device(spec.resources.use_gpu)
     if spec.space:
         print(f"note: {spec.name} has a space: section; `train` runs its base values "
               f"(`fer-tune run` searches it)")
     spec = spec.with_values({})
+    check_same_experiment(spec, out, search=False)
+    check_writable(out)
+    with folder_lock(out):
+        return _train(spec, out, verbose, started)
+
+
+def _train(spec: Spec, out: Path, verbose: bool, started: float) -> dict:
+    device = choose_device(spec.resources.use_gpu)
     atomic_write_text(out / "spec.yaml", spec.to_yaml())
     prepared = prepare_data(spec.data, out)
     train, val = prepared.load("train", verbose), prepared.load("val", verbose)

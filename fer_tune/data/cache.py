@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fer_tune.data.images import BadImage
 from fer_tune.data.sources import read_image
 from fer_tune.data.splits import table_fingerprint
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, one_line
 from fer_tune.io import atomic_save_npy
 
 
@@ -37,13 +37,39 @@ def load_images(data_spec, table: pd.DataFrame, split: str, cache_dir: Path,
     """Return (images (N, S, S, 3) uint8, table of the rows kept). Builds the cache on first use."""
     path = cache_path(cache_dir, split, data_spec, table)
     kept_path = path.with_suffix(".kept.npy")
-    if not kept_path.exists():  # written last: its presence means the cache is complete
-        with _build_lock(path):
-            if not kept_path.exists():  # another process may have built it while we waited
-                _build(data_spec, table, split, path, kept_path, progress)
-    images = np.load(path, mmap_mode="r")
-    kept = np.load(kept_path)
-    return images, table.iloc[kept].reset_index(drop=True)
+    for attempt in range(2):
+        if not kept_path.exists():  # written last: its presence means the cache is complete
+            with _build_lock(path):
+                if not kept_path.exists():  # another process may have built it while we waited
+                    _build(data_spec, table, split, path, kept_path, progress)
+        images, kept, problem = _open(path, kept_path, len(table), data_spec.image_size)
+        if problem is None:
+            return images, table.iloc[kept].reset_index(drop=True)
+        if attempt == 0:
+            print(f"note: the image cache {path} is damaged ({problem}); building it again", flush=True)
+            with _build_lock(path):
+                if _open(path, kept_path, len(table), data_spec.image_size)[2] is not None:  # not rebuilt meanwhile
+                    kept_path.unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
+    raise UserError(f"{path}: the image cache is still damaged after a rebuild ({problem}); delete "
+                    f"{path.parent} and run again")
+
+
+def _open(path: Path, kept_path: Path, rows: int, size: int):
+    """(images, kept rows, None), or (None, None, what is wrong): a cache file that was truncated,
+    edited or swapped never silently gives other images or misaligned labels."""
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+        kept = np.load(kept_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        return None, None, f"unreadable: {one_line(err, 100)}"
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        return None, None, f"images {images.dtype} {images.shape}, expected uint8 (N, {size}, {size}, 3)"
+    if kept.ndim != 1 or not np.issubdtype(kept.dtype, np.integer) or len(kept) != len(images):
+        return None, None, f"{len(kept)} row numbers for {len(images)} images"
+    if len(kept) and (kept.min() < 0 or kept.max() >= rows or np.any(np.diff(kept) <= 0)):
+        return None, None, f"row numbers outside the split's {rows} rows or out of order"
+    return images, kept, None
 
 
 @contextmanager

@@ -17,6 +17,10 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 """File extensions (case-insensitive) read as images by the folder-scanning sources."""
 
+READ_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
+"""The formats PIL may decode, whatever a file's name says: a file is sniffed by its content, and
+formats such as EPS would run an external program (Ghostscript) to decode."""
+
 
 class BadImage(Exception):
     """An image file that cannot be read: missing, unreadable, truncated or not an image.
@@ -50,9 +54,9 @@ def read_rgb(path: Path, upright: bool = False) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=READ_FORMATS) as im:
             im.load()
-            rgb = (ImageOps.exif_transpose(im) if upright else im).convert("RGB")
+            rgb = as_rgb(ImageOps.exif_transpose(im) if upright else im)
     except FileNotFoundError:
         raise BadImage(path, "file not found") from None
     except UnidentifiedImageError:
@@ -65,6 +69,18 @@ def read_rgb(path: Path, upright: bool = False) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
         raise BadImage(path, f"unexpected image shape {array.shape}")
     return np.ascontiguousarray(array)
+
+
+def as_rgb(im):
+    """Any PIL mode as 8-bit RGB. 16- and 32-bit grayscale are scaled to 0-255 (PIL's own
+    conversion clips them, turning most of a 16-bit face white); transparency is dropped."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = np.asarray(im).astype(np.float64)
+        top = 255.0 if gray.max(initial=0) <= 255 else 65535.0
+        return Image.fromarray(np.clip(gray / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
 def crop_face_box(image: np.ndarray, row, path: Path) -> np.ndarray:

@@ -18,8 +18,8 @@ import pandas as pd
 
 from fer_tune.data.cache import load_images
 from fer_tune.data.sources import load_table
-from fer_tune.data.splits import SPLITS, make_splits
-from fer_tune.errors import UserError
+from fer_tune.data.splits import SPLITS, check_split_files, make_splits, read_split_record
+from fer_tune.errors import UserError, one_line
 from fer_tune import TASKS
 from fer_tune.io import atomic_write_json, atomic_write_text
 
@@ -107,8 +107,16 @@ def prepare_test_only(data_spec, out_dir: Path) -> PreparedData:
 def open_prepared(data_spec, out_dir: Path) -> PreparedData:
     """The prepared data of an experiment folder, without reading the source again."""
     out_dir = Path(out_dir)
-    info = json.loads((out_dir / "splits" / "data.json").read_text())
-    return PreparedData(data_spec, out_dir, _read_splits(out_dir / "splits"), info["tasks"], info["labels"], info)
+    splits_dir = out_dir / "splits"
+    try:
+        info = json.loads((splits_dir / "data.json").read_text())
+        tasks, labels = info["tasks"], info["labels"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{splits_dir / 'data.json'}: missing or damaged ({type(err).__name__}); the experiment's "
+                        f"prepared data cannot be read back") from None
+    if (splits_dir / "split.json").exists():
+        check_split_files(splits_dir, read_split_record(splits_dir).get("files"))
+    return PreparedData(data_spec, out_dir, _read_splits(splits_dir), tasks, labels, info)
 
 
 def _read_splits(splits_dir: Path) -> dict[str, pd.DataFrame]:
@@ -116,7 +124,16 @@ def _read_splits(splits_dir: Path) -> dict[str, pd.DataFrame]:
 
 
 def _read_split(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, keep_default_na=False,
-                       na_values={"valence": [""], "arousal": [""], "face_x": [""], "face_y": [""],
-                                  "face_w": [""], "face_h": [""]},
-                       dtype={"subject": str, "source_split": str, "image": str})
+    try:
+        table = pd.read_csv(path, keep_default_na=False,
+                            na_values={"valence": [""], "arousal": [""], "face_x": [""], "face_y": [""],
+                                       "face_w": [""], "face_h": [""]},
+                            dtype={"subject": str, "source_split": str, "image": str})
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise UserError(f"{path}: the split file is missing or unreadable ({one_line(err, 80)}); delete "
+                        f"{path.parent} to draw the split again") from None
+    missing = [c for c in ("image", "expression") if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: the split file has no {', '.join(missing)} column; delete {path.parent} to "
+                        f"draw the split again")
+    return table

@@ -43,13 +43,15 @@ def make_splits(table: pd.DataFrame, split_spec, splits_dir: Path, where: str = 
               "table": table_fingerprint(table)}
     meta_path = splits_dir / "split.json"
     if meta_path.exists():
-        made = json.loads(meta_path.read_text())
+        made = read_split_record(splits_dir)
+        files = made.pop("files", None)
         if made != recipe:
             raise UserError(
                 f"{splits_dir}: an existing split was made from different data or split settings "
                 f"({', '.join(describe_differences(made, recipe, 'split has', 'spec wants'))}); "
                 f"it is never redrawn silently: use another --out folder "
                 f"or delete {splits_dir}")
+        check_split_files(splits_dir, files)
         return splits_dir
 
     splits = draw_splits(table, split_spec)
@@ -57,8 +59,39 @@ def make_splits(table: pd.DataFrame, split_spec, splits_dir: Path, where: str = 
     splits_dir.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
         atomic_write_text(splits_dir / f"{name}.csv", part.to_csv(index=False))
+    recipe["files"] = {name: file_digest(splits_dir / f"{name}.csv") for name in splits}
     atomic_write_text(meta_path, json.dumps(recipe, indent=2))
     return splits_dir
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def read_split_record(splits_dir: Path) -> dict:
+    """split.json: how the split was drawn and a digest of each split file."""
+    path = Path(splits_dir) / "split.json"
+    try:
+        made = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({type(err).__name__}); the split's record is damaged: delete "
+                        f"{splits_dir} to draw the split again (the same seed draws the same split)") from None
+    if not isinstance(made, dict):
+        raise UserError(f"{path}: not a split record; delete {splits_dir} to draw the split again")
+    return made
+
+
+def check_split_files(splits_dir: Path, files) -> None:
+    """Each split CSV is the one drawn: a deleted or edited file (test faces moved into train, say)
+    is refused, never trained on. Records from before digests were kept have none to check."""
+    for name, digest in (files or {}).items():
+        path = Path(splits_dir) / f"{name}.csv"
+        if not path.is_file():
+            raise UserError(f"{path}: the {name} split file is missing; delete {splits_dir} to draw the split "
+                            f"again (the same seed draws the same split)")
+        if file_digest(path) != digest:
+            raise UserError(f"{path}: the {name} split file was changed after the split was drawn; it is never "
+                            f"trained or tested on edited: restore it or delete {splits_dir} to draw it again")
 
 
 def draw_splits(table: pd.DataFrame, split_spec) -> dict[str, pd.DataFrame]:

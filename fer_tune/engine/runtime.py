@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fer_tune import NUM_EXPRESSIONS
 from fer_tune.engine.artifacts import TrainedModel, find_trained
 from fer_tune.errors import UserError, one_line
 
@@ -69,6 +70,12 @@ class OnnxRuntime:
         except Exception as err:
             raise UserError(f"{path}: not a readable ONNX model ({one_line(err, 160)}); re-export it with "
                             f"`fer-tune export DIR --format onnx`") from None
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+            raise UserError(f"{path}: an ONNX model with inputs {inputs} and outputs {outputs}, not a fer-tune "
+                            f"export's ({INPUT_NAME} -> {', '.join(OUTPUT_NAMES)}); re-export it with "
+                            f"`fer-tune export DIR --format onnx`")
         shape = self.session.get_inputs()[0].shape
         if list(shape[1:]) != [3, image_size, image_size]:
             raise UserError(f"{path}: takes images of shape {shape[1:]}, but config.yaml beside it says "
@@ -88,15 +95,32 @@ def load_runtime(model_path: Path):
     """
     trained = find_trained(model_path, exported=True)
     if trained.model_file.suffix == ".onnx":
-        return OnnxRuntime(trained.model_file, trained.image_size)
+        return answers_like_fer_tune(OnnxRuntime(trained.model_file, trained.image_size), trained.model_file, "onnx")
     if trained.model_file.suffix == ".ts":
         try:
             module = load_torchscript(trained.model_file)
         except Exception as err:
             raise UserError(f"{trained.model_file}: not a readable TorchScript model ({one_line(err, 160)}); "
                             f"re-export it with `fer-tune export DIR --format torchscript`") from None
-        return TorchRuntime(module, trained.image_size)
+        return answers_like_fer_tune(TorchRuntime(module, trained.image_size), trained.model_file, "torchscript")
     return TorchRuntime(inference_net(trained), trained.image_size)
+
+
+def answers_like_fer_tune(runtime, path: Path, export_format: str):
+    """`runtime`, once one blank image gives what a fer-tune export gives: a model file that loads
+    but takes or returns something else is refused here, in one line, not mid-way through a folder."""
+    blank = np.zeros((1, 3, runtime.image_size, runtime.image_size), dtype=np.float32)
+    try:
+        outputs = runtime(blank)
+        shapes = [tuple(np.shape(o)) for o in outputs]
+    except Exception as err:  # a foreign model can raise anything
+        raise UserError(f"{path}: does not run as a fer-tune model ({one_line(err, 120)}); re-export it with "
+                        f"`fer-tune export DIR --format {export_format}`") from None
+    if shapes != [(1, NUM_EXPRESSIONS), (1,), (1,)]:
+        raise UserError(f"{path}: returns outputs of shapes {shapes}, not a fer-tune model's (probabilities "
+                        f"(N, {NUM_EXPRESSIONS}), valence (N,), arousal (N,)); re-export it with "
+                        f"`fer-tune export DIR --format {export_format}`")
+    return runtime
 
 
 def load_torchscript(path: Path):

@@ -35,7 +35,7 @@ from fer_tune.engine.artifacts import export_best
 from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import compare_on_test, evaluate_on_test, format_test
 from fer_tune.errors import SearchInterrupted, UserError
-from fer_tune.io import atomic_write_json, atomic_write_text, check_writable
+from fer_tune.io import atomic_write_json, atomic_write_text, check_writable, folder_lock
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
@@ -46,8 +46,8 @@ from fer_tune.search.results import (final_histories, final_outcomes, healthy, r
                                      trial_histories, trial_table)
 from fer_tune.search.space import SpaceSampler, known_recipes, make_sampler
 from fer_tune.search.trial import METRIC, make_trial, trains_in_trial
-from fer_tune.spec import Spec, describe_differences
-from fer_tune.specfile import check_spec, read_spec
+from fer_tune.spec import Spec
+from fer_tune.specfile import check_same_experiment, check_spec
 
 FINAL_DIR = "final"
 """The Tune experiment of the final phase, beside the search's DIR/tune."""
@@ -58,15 +58,20 @@ STOPPING = "FER_TUNE_SEARCH_STOPPING"
 
 def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[str] = None,
                verbose: int = 1) -> dict:
+    started = time.time()
+    spec = check_spec(spec, source=spec.name)  # a spec made in code is checked like a loaded one (cheap, idempotent)
+    out = Path(out).resolve()
+    check_same_experiment(spec, out, resume)
+    check_writable(out)
+    with folder_lock(out):  # held until the search, its final phase and its report are done
+        return _search(spec, out, resume, address, verbose, started)
+
+
+def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose: int, started: float) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    started = time.time()
-    spec = check_spec(spec, source=spec.name)  # a spec made in code is checked like a loaded one (cheap, idempotent)
-    out = Path(out).resolve()
-    _check_same_experiment(spec, out, resume)
-    check_writable(out)
     checkpoints = train_storage(spec, out)
     if spec.search.storage is not None:
         check_storage(checkpoints)  # before spec.yaml: a corrected --storage is then the same experiment
@@ -364,20 +369,3 @@ class TrialCurves(TBXLoggerCallback):
         if writer is not None:
             writer.close()
 
-
-def _check_same_experiment(spec: Spec, out: Path, resume: bool) -> None:
-    saved = out / "spec.yaml"
-    if not saved.exists():
-        if resume:
-            raise UserError(f"--resume: {out} holds no experiment to resume (no spec.yaml)")
-        return
-    try:
-        before = read_spec(saved)
-    except UserError:
-        raise UserError(f"{saved}: the experiment folder's spec is unreadable; use another --out") from None
-    differences = describe_differences(before.model_dump(mode="json"), spec.model_dump(mode="json"),
-                                       "folder has", "this spec has")
-    if differences:
-        raise UserError(f"{out} holds a different experiment ({differences[0]}"
-                        f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); "
-                        f"use another --out, or the same spec and --set values to resume it")

@@ -135,6 +135,16 @@ def finalize(raw: pd.DataFrame, source, data) -> pd.DataFrame:
     for j, c in enumerate(("face_x", "face_y", "face_w", "face_h")):
         out[c] = box[:, j]
 
+    # one photo may hold several faces (rows with different boxes); the same face twice could land
+    # in train and test both
+    keys = pd.Series([f"{image}|{b.tolist()}" for image, b in zip(out["image"], box)], dtype=object)
+    twice = keys.duplicated(keep=False).to_numpy()
+    if twice.any():
+        i, j = np.flatnonzero(keys.to_numpy() == keys.iloc[int(np.flatnonzero(twice)[0])])[:2].tolist()
+        raise UserError(f"{where.iloc[j]}: the same image as {where.iloc[i]} ({out['image'][i]}"
+                        f"{', the same face box' if full[i] else ''}); a face listed twice could be both trained "
+                        f"and tested on: remove one of the two rows")
+
     table = pd.DataFrame(out)
     table["image"] = table["image"].astype(str)
     table["subject"] = table["subject"].astype(str)

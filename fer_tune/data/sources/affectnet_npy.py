@@ -67,9 +67,9 @@ class AffectNetNpySource(Source):
                 ann = set()
             for path in image_files(folder / "images", dropped, real_root, root):
                 stem = path.name.rsplit(".", 1)[0]
-                exp = self._scalar(ann_dir, f"{stem}_exp.npy", ann, "expression")
-                val = self._scalar(ann_dir, f"{stem}_val.npy", ann, "valence")
-                aro = self._scalar(ann_dir, f"{stem}_aro.npy", ann, "arousal")
+                exp = self._scalar(ann_dir, f"{stem}_exp.npy", ann, "expression", real_root, root)
+                val = self._scalar(ann_dir, f"{stem}_val.npy", ann, "valence", real_root, root)
+                aro = self._scalar(ann_dir, f"{stem}_aro.npy", ann, "arousal", real_root, root)
                 if exp is not None and 8 <= exp <= 10 and exp == int(exp):
                     dropped[AFFECTNET_DROP_EXPRESSION] += 1
                     continue
@@ -93,10 +93,12 @@ class AffectNetNpySource(Source):
         return table
 
     @staticmethod
-    def _scalar(folder: Path, name: str, present: set, what: str) -> Optional[float]:
+    def _scalar(folder: Path, name: str, present: set, what: str, real_root: str, root: Path) -> Optional[float]:
         if name not in present:
             return None
         path = folder / name
+        if path.is_symlink():  # an annotation is data read from the dataset too: it stays inside it
+            check_file_inside(path, real_root, root)
         try:
             value = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
