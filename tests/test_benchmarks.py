@@ -59,40 +59,63 @@ def test_epochs_are_ordered_by_when_they_were_reported(tmp_path):
     assert list(zip(timeline["trial"], timeline["epoch"])) == [("aaaa", 1), ("bbbb", 1), ("bbbb", 2), ("aaaa", 2)]
 
 
-def fake_experiment(work, name: str, backbone: str, accuracy: float, train_accuracy: float, val_f1: float,
-                    epochs: int) -> None:
+def fake_experiment(work, name: str, backbone: str, correct: int, train_accuracy: float, val_f1: float,
+                    epochs: int, faces: int = 100, pretrained=None) -> None:
+    """An experiment folder as real_data.py reads it: `correct` of `faces` test faces right, the
+    same faces (images f0..) for every experiment; and its second-test evaluation likewise."""
     import json
 
+    import numpy as np
+
+    from fer_tune import EXPRESSIONS
     from conftest import write_spec
 
-    (work / name / "report").mkdir(parents=True)
-    write_spec(work / name / "spec.yaml", model={"backbone": backbone, "dropout": 0.1})
-    (work / name / "report" / "metrics.json").write_text(json.dumps({
-        "expression": {"accuracy": accuracy, "f1_macro": accuracy, "kappa": 0.1},
-        "ci95": {"expression": {"accuracy": [accuracy - 0.05, accuracy + 0.05]}},
-        "train_accuracy": train_accuracy, "val": {"expression_f1": val_f1}, "best_epoch": 3, "epochs_run": epochs}))
+    def results(folder, right: int) -> None:
+        folder.mkdir(parents=True)
+        truth = np.arange(faces) % 7
+        predicted = np.where(np.arange(faces) < right, truth, (truth + 1) % 7)
+        table = {"image": [f"f{i}" for i in range(faces)], "expression": truth, "expression_pred": predicted}
+        table.update({f"p_{n}": (predicted == k).astype(float) for k, n in enumerate(EXPRESSIONS)})
+        pd.DataFrame(table).to_csv(folder / "test_predictions.csv", index=False)
+        accuracy = right / faces
+        (folder / "metrics.json").write_text(json.dumps({
+            "expression": {"accuracy": accuracy, "f1_macro": accuracy, "kappa": 0.1},
+            "ci95": {"expression": {"accuracy": [accuracy - 0.05, accuracy + 0.05]}}, "test_images": faces,
+            "labels": list(range(7)), "train_accuracy": train_accuracy, "val": {"expression_f1": val_f1},
+            "best_epoch": 3, "epochs_run": epochs}))
+
+    results(work / name / "report", correct)
+    results(work / f"{name}_second_test", correct)
+    write_spec(work / name / "spec.yaml", model={"backbone": backbone, "dropout": 0.1, "pretrained": pretrained})
+    (work / name / "best").mkdir()
+    (work / name / "best" / "config.yaml").write_text((work / name / "spec.yaml").read_text())
 
 
 def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
     import real_data
 
-    fake_experiment(tmp_path, "recipe_efficientnet_b0", "efficientnet_b0", 0.30, 0.70, 0.3, 20)
-    fake_experiment(tmp_path, "recipe_resnet50", "resnet50", 0.40, 0.80, 0.4, 20)
+    fake_experiment(tmp_path, "recipe_efficientnet_b0", "efficientnet_b0", 30, 0.70, 0.3, 20)
+    fake_experiment(tmp_path, "recipe_resnet50", "resnet50", 40, 0.80, 0.4, 20)
     assert real_data.main(["--table-only", "--work", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "| recipe_resnet50 | resnet50 | 0.400 [0.350, 0.450] |" in printed and "+40.0 pts" in printed
-    assert "P4 tuned vs the better recipe: not measured yet (missing: regularization_retrained)" in printed
-    assert "P6 train - test gap of the tuned model: not measured yet" in printed
+    assert "| recipe_resnet50 | resnet50 | none | 0.400 [0.350, 0.450] |" in printed and "+40.0 pts" in printed
+    assert "P4 [imagenet] winner - better recipe: not measured yet (missing: pretrained)" in printed
+    assert "P6 [scratch] train - test gap of the winner: not measured yet" in printed
 
-    fake_experiment(tmp_path, "regularization_retrained", "efficientnet_b0", 0.52, 0.60, 0.50, 20)
-    fake_experiment(tmp_path, "resnet50_fix_retrained", "resnet50", 0.50, 0.58, 0.48, 20)
-    fake_experiment(tmp_path, "regularization", "efficientnet_b0", 0.51, 0.61, 0.50, 40)
+    fake_experiment(tmp_path, "pretrained", "mobilenetv2_100", 60, 0.65, 0.55, 120, pretrained="imagenet")
+    fake_experiment(tmp_path, "pretrained_tf_efficientnet_lite0", "tf_efficientnet_lite0", 58, 0.60, 0.50, 110)
     assert real_data.main(["--table-only", "--work", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "| regularization_retrained | efficientnet_b0 |" in printed and "| 20 | 60 |" in printed  # + its search
-    assert "0.520 - 0.400 = +12.0 points (target >= +10: met)" in printed
-    assert "resnet50 0.500 (resnet50_fix_retrained) / efficientnet_b0 0.520 (regularization_retrained) = 0.962" in printed
-    assert "P6 train - test gap of the tuned model: +8.0 points (target <= 10: met)" in printed
+    assert "| pretrained | mobilenetv2_100 | imagenet | 0.600 [0.550, 0.650] |" in printed and "| 120 |" in printed
+    # the same 100 faces: the winner gets 20 more right and none fewer, so the paired interval is above 0
+    assert "P4 [imagenet] pretrained - recipe_resnet50 on the test (100 faces): +20.0 points [+" in printed
+    assert "McNemar p 1.9e-06 (target >= +10 with the interval above 0: met)" in printed
+    assert "on the second test (100 faces): +20.0 points" in printed
+    assert ("P5 [imagenet] weaker / stronger backbone after its own search: tf_efficientnet_lite0 0.580 "
+            "(pretrained_tf_efficientnet_lite0) / mobilenetv2_100 0.600 (pretrained) = 0.967 (target >= 0.95: met)"
+            in printed)
+    assert "P6 [imagenet] train - test gap of pretrained's winner: +5.0 points (target <= 10: met)" in printed
+    assert "P4 [scratch] winner - better recipe: not measured yet (missing: regularization)" in printed
 
 
 def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_same_search(tmp_path):
