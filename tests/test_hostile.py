@@ -176,6 +176,13 @@ def test_a_face_listed_twice_is_refused_naming_both_lines(tmp_path, capsys):
     one_line_error(capsys, f"{labels} line 43: the same image as {labels} line 5 (img/3.png)")
 
 
+def test_rows_wider_than_the_header_are_refused_naming_the_line(tmp_path, capsys):
+    labels = csv_dataset(tmp_path / "d", [f"img/{i}.png,{i % 7},happy, really" for i in range(40)])
+    spec = write_spec(tmp_path / "s.yaml", data={"source": "csv", "root": str(labels)})
+    assert main(["train", str(spec), "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, f"{labels} line 2: 4 fields where the header has 2")
+
+
 def test_a_photo_with_two_faces_is_two_rows_not_a_duplicate(tmp_path):
     from fer_tune.data.sources import load_table
 

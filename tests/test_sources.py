@@ -313,7 +313,7 @@ def test_csv_folder_without_labels_csv(tmp_path):
                                              ("path,valence,arousal", "expression")])
 def test_csv_missing_required_column(tmp_path, header, missing):
     csv = tmp_path / "labels.csv"
-    csv.write_text(header + "\nx.png,1,0\n")
+    csv.write_text(header + "\n" + ",".join(["x.png", "1", "0"][: len(header.split(","))]) + "\n")
     user_error(spec("csv", csv), str(csv), f"'{missing}'", "path, expression")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,14 @@ class CsvSource(Source):
             raise UserError(f"data.root '{data.root}' is a folder without labels.csv; point "
                             f"--set data.root=PATH at the CSV file or a folder holding labels.csv")
         try:
-            raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                              skipinitialspace=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)  # rows wider than the header
+                raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                                  skipinitialspace=True, index_col=False)
+        except pd.errors.ParserWarning:
+            line, width, fields = wider_than_header(csv_path)
+            raise UserError(f"{csv_path} line {line}: {fields} fields where the header has {width}; quote values "
+                            f"that hold commas") from None
         except pd.errors.EmptyDataError:
             raise UserError(f"{csv_path}: empty file; needs a header with columns "
                             f"{', '.join(self.required)}") from None
@@ -122,4 +129,21 @@ def record_lines(path: Path, records: int) -> np.ndarray:
         starts = []
     data = np.asarray(starts[1:], dtype=np.int64)
     return data if len(data) == records else np.arange(records) + 2
+
+
+def wider_than_header(path: Path) -> tuple[int, int, int]:
+    """(line, header fields, fields) of the first record with more fields than the header."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header, previous = None, 0
+        for row in reader:
+            if row:
+                if header is None:
+                    header = row
+                elif len(row) > len(header):
+                    return previous + 1, len(header), len(row)
+            previous = reader.line_num
+    return previous, len(header or []), len(header or [])
 
