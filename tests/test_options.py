@@ -272,6 +272,7 @@ def test_options_are_off_by_default_and_searchable(tiny_spec):
             spec.distill.teacher) == ("random", 0.0, 0.0, None, "cosine", "none", "none", "fixed", None)
     searched = load_spec(tiny_spec, ["space.train.ema_decay={choice: [null, 0.99]}",
                                      "space.distill.temperature={uniform: [1, 8]}",
+                                     "space.train.schedule={choice: [cosine, sgdr]}",
                                      "space.train.sgdr_cycle_mult={choice: [1, 2], when: {train.schedule: sgdr}}"])
     trial = searched.with_values({"train.ema_decay": 0.99, "model.neck": "fpn", "distill.temperature": 3.0})
     assert trial.train.ema_decay == 0.99 and trial.model.neck == "fpn" and trial.distill.temperature == 3.0
