@@ -168,12 +168,23 @@ class ResourcesSpec(Strict):
     workers_per_trial: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) of each training process")
     use_gpu: Union[bool, Literal["auto"]] = "auto"
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs of each training process when GPUs are used: a "
+                                                          "fraction (e.g. 0.25) lets that many trials share one GPU; "
+                                                          "above 1, a whole number")
     placement: Literal["pack", "spread"] = "pack"
     trainer: Literal["auto", "torch_trainer", "in_trial"] = Field(
         "auto", description="how a search's trial trains: through a Ray Train TorchTrainer (any number of "
                             "workers, DDP; Train restarts a crashed worker) or in the Tune trial's own process "
                             "(one worker, about 20 s less start-up per trial; Tune restarts a crashed trial); "
                             "auto: in_trial for one worker on a Ray that fer-tune starts, else torch_trainer")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _share_or_whole(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"{gpus:g}: a worker takes a share of one GPU (up to 1) or whole GPUs (Ray places "
+                             f"no fraction above 1)")
+        return gpus
 
     @model_validator(mode="after")
     def _in_trial_is_one_worker(self) -> "ResourcesSpec":

@@ -253,3 +253,27 @@ def test_cluster_yaml_passes_rays_own_validation():
     text = (REPO / "cluster.yaml").read_text()
     for secret in ("AKIA", "aws_secret_access_key", "ssh_private_key:", "BEGIN RSA", "BEGIN OPENSSH"):
         assert secret not in text
+
+
+def test_trials_share_gpus_by_fractions(tmp_path):
+    """2 GPUs declared to Ray, 0.5 GPU a trial: four trials at once, each with half of one GPU."""
+    out = tmp_path / "share.json"
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_share.py"), str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    share = json.loads(out.read_text())
+    assert share["use_gpu"] and share["concurrency"] == 4
+    assert share["trainer_worker"] == {"CPU": 0.5, "GPU": 0.5}  # a TorchTrainer worker asks for the same share
+    trials = share["trials"]
+    assert len(trials) == 4 and all(t["gpus"] == 0.5 and len(t["gpu_ids"]) == 1 for t in trials)
+    assert sorted(str(t["gpu_ids"][0]) for t in trials) == ["0", "0", "1", "1"]  # two trials on each GPU
+    assert max(t["started"] for t in trials) < min(t["ended"] for t in trials)  # all four ran at once
+
+
+@pytest.mark.parametrize("gpus, expected", [(1.5, "gpus_per_worker: 1.5: a worker takes a share of one GPU"),
+                                            (0, "gpus_per_worker: Input should be greater than 0")])
+def test_gpu_shares_are_fractions_of_one_or_whole_gpus(tiny_spec, gpus, expected, capsys, tmp_path):
+    assert main(["run", str(tiny_spec), "--set", f"resources.gpus_per_worker={gpus}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err

@@ -189,19 +189,21 @@ def placement(spec: Spec, joined: bool = False) -> tuple[bool, int]:
     res = spec.resources
     use_gpu = bool(gpus) if res.use_gpu == "auto" else bool(res.use_gpu)
     need_cpu = res.workers_per_trial * res.cpus_per_worker
+    need_gpu = res.workers_per_trial * res.gpus_per_worker if use_gpu else 0.0
     have = f"{cpus:g} CPU" + (f", {gpus:g} GPU" if use_gpu else "")
-    if use_gpu and gpus < 1 and not joined:
+    worker = f"{res.cpus_per_worker:g} CPU" + (f" + {res.gpus_per_worker:g} GPU" if use_gpu else "")
+    if use_gpu and gpus <= 0 and not joined:
         raise UserError("resources.use_gpu: true but the Ray cluster has no GPU; use auto or false")
-    if need_cpu > cpus or (use_gpu and res.workers_per_trial > gpus):
+    if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
         if not joined:
-            raise UserError(f"resources.workers_per_trial: {res.workers_per_trial} workers x "
-                            f"{res.cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} can never be placed on "
-                            f"this cluster ({have}); lower workers_per_trial or cpus_per_worker")
-        print(f"note: the cluster has {have} now and a trial needs {res.workers_per_trial} x "
-              f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''}): trials wait for nodes to join")
-    fit = int(cpus // need_cpu)
+            raise UserError(f"resources.workers_per_trial: {res.workers_per_trial} workers x {worker} can never be "
+                            f"placed on this cluster ({have}); lower workers_per_trial, cpus_per_worker or "
+                            f"gpus_per_worker")
+        print(f"note: the cluster has {have} now and a trial needs {res.workers_per_trial} x ({worker}): trials "
+              f"wait for nodes to join")
+    fit = int(cpus / need_cpu + 1e-9)
     if use_gpu:
-        fit = min(fit, int(gpus // res.workers_per_trial))
+        fit = min(fit, int(gpus / need_gpu + 1e-9))  # 0.25 GPU a trial: four trials share each GPU
     limit = spec.search.max_concurrent_trials
     if joined and limit:
         return use_gpu, limit

@@ -45,7 +45,7 @@ from fer_tune.search import finalists
 from fer_tune.search.results import (final_histories, final_outcomes, healthy, read_checkpoint, trial_confusions,
                                      trial_histories, trial_table)
 from fer_tune.search.space import SpaceSampler, known_recipes, make_sampler
-from fer_tune.search.trial import METRIC, make_trial, trains_in_trial
+from fer_tune.search.trial import METRIC, make_trial, trains_in_trial, trial_holds
 from fer_tune.spec import Spec
 from fer_tune.specfile import check_same_experiment, check_spec
 
@@ -103,8 +103,7 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     # checkpoint; a trial that fails anyway (diverged, raised) stays errored, also when resumed.
     # In the trial's own process, the trial holds what one worker would, and Tune does the retries.
     trainable = make_trial(spec, out, use_gpu, checkpoints, data, ray.get_runtime_context().get_node_id(), in_trial)
-    holds = ({"cpu": spec.resources.cpus_per_worker, "gpu": 1 if use_gpu else 0} if in_trial
-             else {"cpu": 0, "memory": 256 * 2**20, driver_node_resource(): 0.001})
+    holds = trial_holds(spec.resources, use_gpu, in_trial, driver_node_resource())
     trial = tune.with_resources(trainable, holds)
     retries = spec.search.max_failures if in_trial else 0  # a TorchTrainer trial's are Train's
     run_config = tune.RunConfig(name="tune", storage_path=storage, verbose=verbose,

@@ -148,8 +148,18 @@ def scaling_config(res: ResourcesSpec, use_gpu: bool):
     from ray.train import ScalingConfig
 
     return ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
-                         resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                         resources_per_worker={"CPU": res.cpus_per_worker,
+                                               **({"GPU": res.gpus_per_worker} if use_gpu else {})},
                          placement_strategy="SPREAD" if res.placement == "spread" else "PACK")
+
+
+def trial_holds(res: ResourcesSpec, use_gpu: bool, in_trial: bool, driver_node: str) -> dict:
+    """What one Tune trial holds: in its own process, one worker's CPUs and share of a GPU (so
+    `gpus_per_worker: 0.25` runs four trials on each GPU at once); through a TorchTrainer, almost
+    nothing, pinned to the driver's node (the workers hold the rest, see `scaling_config`)."""
+    if in_trial:
+        return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker if use_gpu else 0}
+    return {"cpu": 0, "memory": 256 * 2**20, driver_node: 0.001}
 
 
 def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, data, driver_node: str,
@@ -173,7 +183,8 @@ def make_trial(spec: Spec, experiment_dir: Path, use_gpu: bool, storage: str, da
         sampled = trial_spec(spec, config)
         trial_id = ray.tune.get_context().get_trial_id()
         res = sampled.resources
-        wait_for_resources(res.workers_per_trial * res.cpus_per_worker, res.workers_per_trial if use_gpu else 0)
+        wait_for_resources(res.workers_per_trial * res.cpus_per_worker,
+                           res.workers_per_trial * res.gpus_per_worker if use_gpu else 0)
         reports = ReportsToTune(driver_node)
         trainer = TorchTrainer(
             train_worker,
