@@ -74,7 +74,16 @@ class DataSpec(Strict):
     synthetic: SyntheticSpec = SyntheticSpec()
     split: SplitSpec = SplitSpec()
     skip_bad: bool = False
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+    loader_workers: Union[int, Literal["auto"]] = Field(
+        "auto", description="DataLoader worker processes per training worker: auto is 0 on a CPU (the training "
+                            "threads use the cores) and on a GPU min(4, the worker's CPUs - 1)")
+
+    @field_validator("loader_workers")
+    @classmethod
+    def _workers(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 or more, or auto")
+        return value
 
     @model_validator(mode="after")
     def _root_given(self) -> "DataSpec":
@@ -130,6 +139,8 @@ class TrainSpec(Strict):
     freeze_epochs: int = Field(0, ge=0, description="epochs that train only the heads (the backbone frozen, its "
                                                     "BatchNorm statistics too) before all of the network trains")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on GPU; off on CPU")
+    compile: bool = Field(False, description="torch.compile the network on a GPU (the first epoch pays the "
+                                             "compilation); ignored on a CPU")
     seed: int = 0
 
 

@@ -24,6 +24,8 @@ from fer_tune.spec import LossSpec, TrainSpec, validate_spec
 from fer_tune.specfile import load_spec
 from fer_tune.engine.artifacts import load_torch, save_torch
 
+from conftest import write_spec
+
 NAN = float("nan")
 
 
@@ -352,3 +354,25 @@ def test_a_run_resumed_after_any_epoch_trains_exactly_as_one_that_never_stopped(
         assert after["objective"] == before["objective"]
     again = load_torch(tmp_path / "epoch3.pt")
     assert all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_gpu_step_options_are_valid_on_a_cpu_and_change_nothing_there(tmp_path):
+    from fer_tune.commands.train import train_experiment
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", train={"epochs": 1, "compile": True}))
+    assert spec.data.loader_workers == "auto" and spec.train.compile
+    plain = train_experiment(load_spec(write_spec(tmp_path / "p.yaml", train={"epochs": 1})), tmp_path / "plain", verbose=False)
+    gpu_options = train_experiment(spec, tmp_path / "compiled", verbose=False)  # CPU: compile ignored, 0 loader workers
+    assert gpu_options["expression"] == plain["expression"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_step_compiles_and_runs_channels_last(tmp_path):
+    from fer_tune.commands.train import train_experiment
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", train={"epochs": 2, "compile": True},
+                                resources={"use_gpu": True, "cpus_per_worker": 2}))
+    metrics = train_experiment(spec, tmp_path / "run", verbose=False)
+    assert metrics["epochs_run"] == 2 and 0 <= metrics["expression"]["accuracy"] <= 1
+    state = torch.load(tmp_path / "run" / "best" / "model.pt", weights_only=True)["model"]
+    assert not any(k.startswith("_orig_mod.") for k in state)  # exported under the plain network's names

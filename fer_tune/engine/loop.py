@@ -84,9 +84,11 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
         tasks = ["expression"] * bool((targets["expression"] >= 0).any()) + \
                 [task for task in ("valence", "arousal") if np.isfinite(targets[task]).any()]
         pretrained.load_experiment(model, fine_tune_from, labels, tasks)
-    model = model.to(device)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed else model
+    on_gpu = device.type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last) if on_gpu else model.to(device)
+    net = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None) if distributed else model
+    if t.compile and on_gpu:
+        net = torch.compile(net)  # `model` stays the plain module: checkpoints and exports keep its names
     # Uncertainty weights live beside the model (not in it: exported models stay plain networks);
     # DDP does not see them, so their gradients are averaged across ranks by hand.
     uncertainty = UncertaintyWeights().to(device) if spec.loss.weighting == "uncertainty" else None
@@ -94,6 +96,9 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
     ema = build_ema(model, t)  # when on, the EMA is what is validated, kept and exported
     teacher = load_teacher(spec.distill.teacher, device) if spec.distill.teacher is not None else None
     per_rank_batch = max(1, t.batch_size // world)
+    loader_workers = spec.data.loader_workers
+    if loader_workers == "auto":  # decoding is done (the cache); workers only augment and collate
+        loader_workers = min(4, max(0, int(spec.resources.cpus_per_worker) - 1)) if on_gpu else 0
     # The shuffle's generator and the augmentation are seeded by seed_epoch at every epoch.
     train_set = FaceDataset(train_split, build_augment(spec.augment.strength, spec.data.image_size))
     if t.sampler == "class_balanced":
@@ -103,8 +108,7 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
             else RandomSampler(train_set, generator=torch.Generator())
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,
                         drop_last=len(train_set) // world > per_rank_batch,
-                        num_workers=spec.data.loader_workers, persistent_workers=spec.data.loader_workers > 0,
-                        pin_memory=device.type == "cuda")
+                        num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=on_gpu)
     steps_per_epoch = max(1, len(loader))
     scheduler = build_scheduler(optimizer, t, steps_per_epoch)
     amp_dtype = autocast_dtype(t.amp, device)
@@ -141,8 +145,10 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
         loss_sum = torch.zeros(3, device=device)  # loss * n, correct, n
         for step, (images, expression, valence, arousal) in enumerate(loader):
             images = images.to(device, non_blocking=True).float().div_(255)
-            targets = {"expression": expression.to(device), "valence": valence.to(device),
-                       "arousal": arousal.to(device)}
+            if on_gpu:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = {"expression": expression.to(device, non_blocking=True),
+                       "valence": valence.to(device, non_blocking=True), "arousal": arousal.to(device, non_blocking=True)}
             images, targets, _ = mix_batch(images, targets, t.mixup_alpha, t.cutmix_alpha)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = net(images)
