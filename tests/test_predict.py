@@ -12,7 +12,7 @@ from fer_tune.cli import main
 from fer_tune.data.cache import load_images
 from fer_tune.data.sources import load_table
 from fer_tune.engine.runtime import load_runtime
-from fer_tune.data.faces import FaceDetector, read_photo
+from fer_tune.data.faces import make_detector, read_photo
 from fer_tune.model import create_model
 from fer_tune.commands.predict import PROBABILITY_COLUMNS, predict_photos, to_batch
 from fer_tune.specfile import load_spec
@@ -85,7 +85,7 @@ def test_predict_gives_one_row_per_face_and_the_same_answers_from_every_form(exp
     assert "corrupt.png" in stderr and "no face: " in stderr  # reported, not fatal
 
     table = tables[0]
-    detector = FaceDetector()
+    detector = make_detector("auto")  # what predict uses by default
     for path, boxes in truth.items():
         rows = table[table["image"] == str(path)]
         found = [tuple(r) for r in rows[["x", "y", "w", "h"]].itertuples(index=False)]

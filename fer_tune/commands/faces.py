@@ -7,14 +7,14 @@ from pathlib import Path
 import cv2
 import pandas as pd
 
-from fer_tune.data.faces import DEFAULT_MARGIN, FaceDetector, check_margin, crop_face, read_photo
+from fer_tune.data.faces import DEFAULT_MARGIN, check_margin, crop_face, make_detector, read_photo
 from fer_tune.data.images import IMAGE_EXTENSIONS, BadImage, list_images, pil_format
 from fer_tune.errors import UserError
 from fer_tune.io import atomic_write, check_writable
 
 
 def crop_folder(src: Path, dst: Path, margin: float = DEFAULT_MARGIN, size: int = 224,
-                level_eyes: bool = False, progress: bool = True) -> pd.DataFrame:
+                level_eyes: bool = False, progress: bool = True, detector: str = "auto") -> pd.DataFrame:
     """Crop the largest face of every image under `src` into `dst`, at the same relative path.
 
     A class-folder dataset stays one. Images without a face and unreadable files are skipped and
@@ -28,7 +28,7 @@ def crop_folder(src: Path, dst: Path, margin: float = DEFAULT_MARGIN, size: int 
     images = list_images(src)
     if not images:
         raise UserError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below it")
-    detector = FaceDetector(level_eyes=level_eyes)
+    detector = make_detector(detector, level_eyes=level_eyes)
     rows = []
     for path in tqdm(images, desc="finding faces", unit="img", disable=None if progress else True):
         rel = path.relative_to(src).as_posix()

