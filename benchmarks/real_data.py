@@ -157,12 +157,14 @@ def wall_of(work: Path, name: str) -> str:
     if not pieces:
         return "n/a"
     total = 0.0
+    starts = sorted(p["started"] for p in pieces)
     for p in pieces:
         if p["seconds"] is not None:
             total += p["seconds"]
-        else:
+        else:  # cut off: until its last file, and never past the next piece's start
+            following = [s for s in starts if s > p["started"]]
             last = max((f.stat().st_mtime for f in (work / name).rglob("*") if f.is_file()), default=p["started"])
-            total += max(0.0, last - p["started"])
+            total += max(0.0, min([last, *following]) - p["started"])
     return f"{total / 60:.0f} min" + (f" ({len(pieces)} pieces)" if len(pieces) > 1 else "")
 
 
