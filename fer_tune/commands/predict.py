@@ -24,7 +24,7 @@ import pandas as pd
 from fer_tune import EXPRESSIONS
 from fer_tune.data.faces import (DEFAULT_MARGIN, Face, check_margin, crop_face, make_detector, read_photo,
                                  resize_face)
-from fer_tune.data.images import IMAGE_EXTENSIONS, BadImage, list_images, pil_format
+from fer_tune.data.images import IMAGE_EXTENSIONS, BadImage, is_video, list_images, pil_format
 from fer_tune.engine.runtime import load_runtime
 from fer_tune.errors import UserError
 from fer_tune.io import atomic_write, check_writable
@@ -50,6 +50,8 @@ class Prediction:
     no_face: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    detect_seconds: float = 0.0
+    network_seconds: float = 0.0
 
 
 @dataclass
@@ -91,7 +93,9 @@ def predict_photos(runtime, inputs: list[Path], detect: bool = True, margin: flo
 
     def flush() -> None:
         crops = [crop for photo in pending for crop in photo.crops]
+        tick = time.perf_counter()
         outputs = runtime(to_batch(crops)) if crops else (np.zeros((0, len(EXPRESSIONS))), [], [])
+        result.network_seconds += time.perf_counter() - tick
         start = 0
         for photo in pending:
             found = [_row(str(photo.path), i, face, *(o[start + i] for o in outputs))
@@ -109,7 +113,9 @@ def predict_photos(runtime, inputs: list[Path], detect: bool = True, margin: flo
             result.unreadable.append((str(path), err.reason))
             continue
         height, width = rgb.shape[:2]
+        tick = time.perf_counter()
         faces = detector.find(rgb) if detector else [Face(0, 0, width, height)]
+        result.detect_seconds += time.perf_counter() - tick
         faces.sort(key=lambda f: (f.x, f.y))  # left to right, as people read a group photo
         if not faces:
             result.no_face.append(str(path))
@@ -156,7 +162,7 @@ def annotate(rgb: np.ndarray, rows: list[dict]) -> np.ndarray:
         x, y, w, h = (round(row[k] * zoom) for k in ("x", "y", "w", "h"))
         colour = _COLOURS[row["expression"]]
         cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), colour, 2 * thick, cv2.LINE_AA)
-        text = f"{row['expression']} {row['p_' + row['expression']]:.0%}"
+        text = f"{row.get('label', '')}{row['expression']} {row['p_' + row['expression']]:.0%}"
         _label(canvas, text, (x, y), colour, font_scale, thick, anchor_top=False)
         _dial(canvas, row["valence"], row["arousal"], (x, y, w, h), colour, font_scale, thick)
     return canvas
@@ -205,8 +211,11 @@ def _save(rgb: np.ndarray, path: Path) -> None:
 
 def run_predict(model: Path, inputs: list[Path], out: Optional[Path], detect: bool, margin: float,
                 level_eyes: bool, detector: str = "auto") -> Prediction:
-    """`fer-tune predict`: predictions.csv to --out (or as CSV on stdout), a summary on stderr."""
+    """`fer-tune predict` on photos: predictions.csv to --out (or as CSV on stdout), a summary on stderr."""
     check_margin(margin)
+    videos = [p for p in inputs if is_video(p)]
+    if videos:
+        raise UserError(f"{videos[0]}: give one video at a time (with --out), not with other inputs")
     if out is not None:
         for given in inputs:
             folder = Path(given).resolve()
@@ -230,7 +239,9 @@ def run_predict(model: Path, inputs: list[Path], out: Optional[Path], detect: bo
 def summarize(result: Prediction, out: Optional[Path]) -> str:
     rate = result.images / result.seconds if result.seconds > 0 else float("nan")
     lines = [f"{len(result.table)} face(s) in {result.images} image(s), {result.seconds:.1f} s "
-             f"({rate:.1f} images/s); {len(result.no_face)} without a face, {len(result.unreadable)} unreadable"]
+             f"({rate:.1f} images/s; detection {result.detect_seconds:.1f} s, network {result.network_seconds:.1f} s, "
+             f"in batches of up to {BATCH_SIZE} faces); {len(result.no_face)} without a face, "
+             f"{len(result.unreadable)} unreadable"]
     lines += [f"  unreadable: {path} ({reason})" for path, reason in result.unreadable[:5]]
     lines += [f"  no face: {path}" for path in result.no_face[:5]]
     if out is not None:

@@ -127,10 +127,13 @@ class RetinaFaceDetector:
 
     def __init__(self, level_eyes: bool = False, score_threshold: float = 0.9, nms_threshold: float = 0.4,
                  threads: int = 0):
-        from fer_tune.engine.runtime import require_onnx  # deferred: onnxruntime is an optional extra
         from fer_tune.weights import detector_file
 
-        onnxruntime = require_onnx("onnxruntime")["onnxruntime"]
+        try:
+            import onnxruntime  # deferred: an optional extra
+        except ImportError:
+            raise UserError("the retinaface detector runs on onnxruntime, which is not installed: "
+                            "pip install 'fer-tune[onnx]', or use --detector haar") from None
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or max(1, min(4, os.cpu_count() or 1))
         self.session = onnxruntime.InferenceSession(str(detector_file("retinaface")), options,

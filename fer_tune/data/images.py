@@ -17,6 +17,9 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 """File extensions (case-insensitive) read as images by the folder-scanning sources."""
 
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+"""Files `predict` reads as videos (case-insensitive)."""
+
 READ_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
 """The formats PIL may decode, whatever a file's name says: a file is sniffed by its content, and
 formats such as EPS would run an external program (Ghostscript) to decode."""
@@ -36,6 +39,10 @@ class BadImage(Exception):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
+
+
+def is_video(path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def is_image_name(name: str) -> bool:
