@@ -204,7 +204,7 @@ def _predict(args) -> None:
         return
 
     run_predict(args.model, args.images, args.out, detect=args.detect, margin=args.margin,
-                level_eyes=args.level_eyes, detector=args.detector, every=args.every, smooth=args.smooth)
+                level_eyes=args.level_eyes, detector=args.detector)
 
 
 def _weights(args) -> None:

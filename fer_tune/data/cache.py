@@ -8,6 +8,8 @@ the source and the image size, so a changed dataset never reuses a stale cache.
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,8 +90,16 @@ def _build_lock(path: Path):
 
 
 def _build(data_spec, table: pd.DataFrame, split: str, path: Path, kept_path: Path, progress: bool) -> None:
+    """Decode every image of the split once, straight into a memory-mapped .npy on disk.
+
+    The array is never held in memory whole: an AffectNet split at 224 px is tens of GB. Images are
+    decoded by as many threads as this process may use cores (PIL and OpenCV release the GIL while
+    they decode and resize); the file is renamed into place only once it is complete.
+    """
     size = data_spec.image_size
-    images = np.zeros((len(table), size, size, 3), dtype=np.uint8)
+    started = time.perf_counter()
+    partial = path.with_name(f".{path.name}.partial")
+    images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(table), size, size, 3))
     bad: list[tuple[int, BadImage]] = []
 
     def decode(i: int) -> None:
@@ -102,20 +112,48 @@ def _build(data_spec, table: pd.DataFrame, split: str, path: Path, kept_path: Pa
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         images[i] = image
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(tqdm(pool.map(decode, range(len(table))), total=len(table), disable=None if progress else True,
-                  desc=f"caching {split} images at {size}px", unit="img", leave=False))
-    bad.sort(key=lambda item: item[0])
-    if bad and not data_spec.skip_bad:
-        listed = "; ".join(f"{err.path} ({err.reason})" for _, err in bad[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise UserError(f"{len(bad)} unreadable image(s) in the {split} split: {listed}{more}; "
-                        f"fix or remove them, or set data.skip_bad: true to skip them")
-    kept = np.setdiff1d(np.arange(len(table)), np.asarray([i for i, _ in bad], dtype=int))
-    if bad:
-        print(f"skipped {len(bad)} unreadable image(s) in the {split} split (data.skip_bad)")
-    if len(kept) == 0:
-        raise UserError(f"no readable images in the {split} split")
-    atomic_save_npy(path, images[kept])
-    atomic_save_npy(kept_path, kept)
+    threads = decode_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(tqdm(pool.map(decode, range(len(table))), total=len(table), disable=None if progress else True,
+                      desc=f"caching {split} images at {size}px ({threads} threads)", unit="img", leave=False))
+        bad.sort(key=lambda item: item[0])
+        if bad and not data_spec.skip_bad:
+            listed = "; ".join(f"{err.path} ({err.reason})" for _, err in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise UserError(f"{len(bad)} unreadable image(s) in the {split} split: {listed}{more}; "
+                            f"fix or remove them, or set data.skip_bad: true to skip them")
+        kept = np.setdiff1d(np.arange(len(table)), np.asarray([i for i, _ in bad], dtype=int))
+        if bad:
+            print(f"skipped {len(bad)} unreadable image(s) in the {split} split (data.skip_bad)")
+        if len(kept) == 0:
+            raise UserError(f"no readable images in the {split} split")
+        if len(kept) < len(table):  # close the gaps, a chunk at a time
+            compact = path.with_name(f".{path.name}.compact")
+            out = np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(len(kept), size, size, 3))
+            for start in range(0, len(kept), 4096):
+                out[start:start + 4096] = images[kept[start:start + 4096]]
+            out.flush()
+            del out
+            del images
+            os.replace(compact, partial)
+        else:
+            images.flush()
+            del images
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    atomic_save_npy(kept_path, kept)  # last: its presence says the cache is complete
+    seconds = time.perf_counter() - started
+    if progress and len(table) >= 1000:
+        print(f"cached {len(kept)} {split} images at {size}px in {seconds:.1f} s ({len(kept) / seconds:.0f} "
+              f"images/s, {threads} threads, {path.stat().st_size / 2**20:.0f} MiB at {path})", flush=True)
 
+
+def decode_threads() -> int:
+    """Threads that decode images: the cores this process may use (its affinity), at most 32."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(32, cores))
