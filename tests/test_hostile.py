@@ -299,3 +299,14 @@ def test_an_annotation_symlinked_out_of_the_dataset_is_refused(tmp_path, capsys)
         from fer_tune.data.sources import load_table
 
         load_table(load_spec(spec).data)
+
+
+def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path):
+    from fer_tune.data.images import BadImage
+
+    Image.new("1", (16_000, 16_000)).save(tmp_path / "bomb.png")  # 256 Mpx in a small file
+    assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
+    started = time.perf_counter()
+    with pytest.raises(BadImage, match="image too large"):
+        read_rgb(tmp_path / "bomb.png")
+    assert time.perf_counter() - started < 5
