@@ -148,3 +148,46 @@ def test_bad_video_arguments_are_one_line(tmp_path, capsys):
         assert main(["predict", str(tmp_path / "run"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, err
+
+
+@needs_fer
+def test_a_clip_interrupted_mid_way_keeps_the_rows_of_the_frames_read(tmp_path, monkeypatch):
+    clip = make_clip(tmp_path / "clip.mp4")
+    monkeypatch.setattr(video, "make_detector", lambda name, level_eyes=False: TruthDetector(1))
+    net, calls = BrightnessNet(), []
+
+    def stops_at_the_second_batch(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return net(images)
+
+    stops_at_the_second_batch.image_size = 48
+    with pytest.raises(KeyboardInterrupt):
+        video.predict_video(stops_at_the_second_batch, clip, tmp_path / "out", progress=False)
+    kept = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert len(kept) == calls[0] > 0  # the first batch's faces, written before the interruption
+
+
+def test_a_video_without_faces_or_frames_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from fer_tune.errors import UserError
+
+    monkeypatch.setattr(video, "make_detector", lambda name, level_eyes=False: TruthDetector(1))
+    monkeypatch.setattr(video, "load_runtime", lambda model: BrightnessNet())
+    empty = tmp_path / "empty.mp4"
+    writer = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (480, 270))
+    writer.release()  # no frame written
+    with pytest.raises(UserError, match="empty.mp4: (the video has no frames|not a video OpenCV can read)"):
+        video.predict_video(BrightnessNet(), empty, tmp_path / "o1", progress=False)
+    blank = tmp_path / "blank.mp4"
+    writer = cv2.VideoWriter(str(blank), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (480, 270))
+    for _ in range(5):
+        writer.write(np.full((270, 480, 3), 90, np.uint8))
+    writer.release()
+    monkeypatch.setattr(video, "make_detector", lambda name, level_eyes=False: type("NoFaces", (), {
+        "find": lambda self, rgb: []})())
+    assert main(["predict", str(tmp_path), str(blank), "--out", str(tmp_path / "o2")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"no face found in any of them; wrote an empty {tmp_path / 'o2' / 'predictions.csv'} "
+                            f"and {tmp_path / 'o2' / 'annotated.mp4'}")
+    assert pd.read_csv(tmp_path / "o2" / "predictions.csv").empty

@@ -117,7 +117,14 @@ def predict_video(runtime, path: Path, out: Path, every: int = 1, smooth: int = 
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     check_writable(out)
+    if total == 0 and not capture.grab():
+        capture.release()
+        raise UserError(f"{path}: the video has no frames")
+    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
     detector = make_detector(detector_name, level_eyes=level_eyes)
+    rows_path = out / "predictions.csv"
+    partial_rows = out / ".predictions.partial.csv"
+    pd.DataFrame(columns=COLUMNS).to_csv(partial_rows, index=False)  # rows are appended as frames are read
     tracker = Tracker(smooth)
     rows: list[dict] = []
     writer, writer_size, written_path = None, None, out / ".annotated.partial.mp4"
@@ -133,7 +140,7 @@ def predict_video(runtime, path: Path, out: Path, every: int = 1, smooth: int = 
         tick = time.perf_counter()
         probs, valence, arousal = runtime(to_batch(crops)) if crops else (np.zeros((0, len(EXPRESSIONS))), [], [])
         network_seconds += time.perf_counter() - tick
-        k = 0
+        k, first_new = 0, len(rows)
         for frame_index, rgb, faces, tracks in pending:
             shown = []
             for face, track in zip(faces, tracks):
@@ -157,6 +164,8 @@ def predict_video(runtime, path: Path, out: Path, every: int = 1, smooth: int = 
                 frame = cv2.resize(frame, writer_size, interpolation=cv2.INTER_AREA)
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         pending.clear()
+        pd.DataFrame(rows[first_new:], columns=COLUMNS).to_csv(partial_rows, mode="a", header=False, index=False,
+                                                               float_format="%.6f")
 
     try:
         while True:
@@ -177,6 +186,9 @@ def predict_video(runtime, path: Path, out: Path, every: int = 1, smooth: int = 
             if sum(len(p[2]) for p in pending) >= BATCH_SIZE:
                 flush()
         flush()
+    except BaseException:  # interrupted or failed mid-way: the rows of the frames read so far are kept
+        partial_rows.replace(rows_path)
+        raise
     finally:
         bar.close()
         capture.release()
@@ -184,11 +196,12 @@ def predict_video(runtime, path: Path, out: Path, every: int = 1, smooth: int = 
             writer.release()
     if processed == 0:
         written_path.unlink(missing_ok=True)
+        partial_rows.unlink(missing_ok=True)
         raise UserError(f"{path}: no frame could be decoded; not a video OpenCV can read")
     written_path.replace(out / "annotated.mp4")
+    partial_rows.replace(rows_path)
     table = pd.DataFrame(rows, columns=COLUMNS)
     tracks = track_summary(table, every / fps)
-    atomic_write(out / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
     atomic_write(out / "tracks.csv", lambda tmp: tracks.to_csv(tmp, index=False, float_format="%.4f"))
     if len(table):
         plot_tracks(table, out / "tracks.png")
@@ -232,6 +245,9 @@ def plot_tracks(table: pd.DataFrame, path: Path) -> None:
 
 def summarize_video(result: VideoResult, path: Path, out: Path) -> str:
     rate = result.frames / result.seconds if result.seconds > 0 else float("nan")
+    if result.table.empty:
+        return (f"{path}: {result.frames} frame(s) read in {result.seconds:.1f} s ({rate:.1f} frames/s): no face "
+                f"found in any of them; wrote an empty {out / 'predictions.csv'} and {out / 'annotated.mp4'}")
     lines = [f"{path}: {result.frames} frame(s) read in {result.seconds:.1f} s ({rate:.1f} frames/s; detection "
              f"{result.detect_seconds:.1f} s, network {result.network_seconds:.1f} s), {len(result.table)} face "
              f"reading(s) in {len(result.tracks)} track(s)"]
