@@ -310,3 +310,11 @@ def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path):
     with pytest.raises(BadImage, match="image too large"):
         read_rgb(tmp_path / "bomb.png")
     assert time.perf_counter() - started < 5
+
+
+def test_a_train_split_of_one_image_is_one_line_not_a_batchnorm_error(tmp_path, capsys):
+    labels = csv_dataset(tmp_path / "d", ["img/0.png,1", "img/1.png,1", "img/2.png,1"])
+    spec = write_spec(tmp_path / "s.yaml", data={"source": "csv", "root": str(labels), "image_size": 24,
+                                                 "split": {"val": 1, "test": 1, "seed": 0}}, train={"epochs": 1})
+    assert main(["train", str(spec), "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "the train split has 1 image(s) for 1 training worker(s); each needs at least 2")

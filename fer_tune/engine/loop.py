@@ -31,6 +31,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from fer_tune import NUM_EXPRESSIONS
+from fer_tune.errors import UserError
 from fer_tune.data.augment import build_augment
 from fer_tune.data.dataset import FaceDataset
 from fer_tune.data.sampler import ClassBalancedSampler
@@ -101,6 +102,9 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
         loader_workers = min(4, max(0, int(spec.resources.cpus_per_worker) - 1)) if on_gpu else 0
     # The shuffle's generator and the augmentation are seeded by seed_epoch at every epoch.
     train_set = FaceDataset(train_split, build_augment(spec.augment.strength, spec.data.image_size))
+    if len(train_set) // world < 2:  # BatchNorm cannot train on a batch of one
+        raise UserError(f"the train split has {len(train_set)} image(s) for {world} training worker(s); each needs "
+                        f"at least 2: use more data, smaller data.split sizes or fewer resources.workers_per_trial")
     if t.sampler == "class_balanced":
         sampler = ClassBalancedSampler(train_set.expression, world, rank, seed=t.seed)
     else:
