@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiments go (and are reused from) here")
     parser.add_argument("--export", type=Path, help="write each P4/P5 winner's config as EXPORT/<experiment>.yaml")
     parser.add_argument("--smoke", action="store_true",
-                        help="synthetic faces, tiny backbones, 1 epoch, 2 trials, temporary --work")
+                        help="synthetic faces, tiny backbones, 2 epochs, 2 trials, temporary --work")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: the table of what has finished in --work and the targets it decides")
     args = parser.parse_args(argv)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_header("P4-P6 real faces (benchmarks/real_data.py)"))
     args.second_test_sets = ["data.source=folder", f"data.root={args.second_test.resolve()}"]
     if args.smoke:
-        args.samples, args.epochs, args.grace, args.reduction_factor = 2, 1, 1, 2.0
+        args.samples, args.epochs, args.grace, args.reduction_factor = 2, 2, 1, 2.0
         args.finalists, args.finalist_seeds, args.startup = 1, 1, 1
         names = dict(SMOKE_NAMES)
         data = list(SMOKE_DATA)
@@ -305,6 +305,7 @@ def smoke_setup(bench: Bench, tmp: Path) -> None:
         raw = tiny(yaml.safe_load((SEARCH_SPACES / spec_name).read_text()))
         if "model.pretrained" in raw.get("space", {}):
             raw["space"]["model.pretrained"]["when"] = {"model.backbone": "test_resnet"}
+            raw["space"]["train.freeze_epochs"]["choice"] = [0, 1]  # below the smoke run's 2 epochs
         (tmp / spec_name).write_text(yaml.safe_dump(raw, sort_keys=False))
     bench.spaces = tmp
     run_cli(["data", "synth", "--out", tmp / "second", "--n", "60", "--seed", "7", "--size", "24"], tmp / "synth.log")

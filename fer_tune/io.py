@@ -61,7 +61,11 @@ def folder_lock(out: Path) -> Iterator[None]:
     import fcntl
 
     path = Path(out) / LOCK_FILE
-    handle = open(path, "a+")
+    try:  # never through a symlink: a folder someone else made could point it at any file
+        handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as err:
+        raise UserError(f"{path}: cannot lock the experiment folder ({err.strerror or err}); a symlink is refused: "
+                        f"remove it, or use another --out") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import itertools
 import math
 import re
 import reprlib
@@ -36,6 +37,9 @@ OBJECTIVE_METRICS = (
 
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs")
 """URI schemes `search.storage` accepts (checkpoints of multi-node searches go there)."""
+
+TIED_FIELDS = ("train.epochs", "train.freeze_epochs", "data.split.val", "data.split.test", "data.synthetic.n")
+"""Searchable fields that the spec's cross-field rules compare with each other."""
 
 SEARCHABLE_SECTIONS = ("data", "model", "train", "augment", "loss", "distill")
 """Sections whose fields a `space:` entry may name; resources and search shape the run, not the model."""
@@ -196,6 +200,14 @@ class ResourcesSpec(Strict):
             raise ValueError(f"{gpus:g}: a worker takes a share of one GPU (up to 1) or whole GPUs (Ray places "
                              f"no fraction above 1)")
         return gpus
+
+    @model_validator(mode="after")
+    def _one_gpu_each_for_ddp(self) -> "ResourcesSpec":
+        if self.gpus_per_worker < 1 and self.workers_per_trial > 1:
+            raise ValueError(f"gpus_per_worker {self.gpus_per_worker:g} with workers_per_trial "
+                             f"{self.workers_per_trial}: the ranks of one trial could land on the same GPU, which "
+                             f"NCCL refuses; share GPUs between one-worker trials, or give each worker a whole GPU")
+        return self
 
     @model_validator(mode="after")
     def _in_trial_is_one_worker(self) -> "ResourcesSpec":
@@ -435,6 +447,7 @@ class Spec(Strict):
         base = self.model_dump(mode="json", exclude={"space"})
         for key, entry in self.space_entries():
             for field, allowed in entry.when.items():
+                _check_space_key(field, base)  # a typo is named as one
                 if field in self.space:
                     drawers = [e for k, e in self.space_entries() if k == field]
                     possible = any(e.cannot_draw(v) is None for e in drawers for v in allowed)
@@ -450,14 +463,43 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _tied_fields_fit_together(self) -> "Spec":
+        """Fields the cross-field rules tie together, drawn together: every combination of their
+        entries' extremes must be a valid trial (e.g. epochs [2, 20] with freeze_epochs [0, 5])."""
+        tied = [k for k in TIED_FIELDS if k in self.space]
+        if len(tied) < 2:
+            return self
+        base = self.model_dump(mode="json", exclude={"space"})
+        base["search"]["points"] = []
+        options = [[(k, e, v) for name, e in self.space_entries() if name == k for v in e.extremes()] for k in tied]
+        for drawn in itertools.product(*options):
+            values = {key: value for key, _, value in drawn}
+            if any(values[field] not in allowed for _, entry, _ in drawn
+                   for field, allowed in entry.when.items() if field in values):
+                continue  # a combination the entries' conditions never draw
+            combination = list(values.items())
+            trial = copy.deepcopy(base)
+            for key, value in combination:
+                set_path(trial, key, value)
+            try:
+                Spec.model_validate(trial)
+            except ValidationError as err:
+                together = " with ".join(f"'{k}' = {short_repr(v)}" for k, v in combination)
+                raise ValueError(f"space entries {together} cannot be drawn together: {_first_error(err)}") from None
+        return self
+
+    @model_validator(mode="after")
     def _space_names_fields(self) -> "Spec":
         base = self.model_dump(mode="json", exclude={"space"})
         base["search"]["points"] = []  # points are checked against the space by _known_recipes_fit_the_space
+        tied = [k for k in TIED_FIELDS if k in self.space]
         for key, entries in self.space.items():
             for entry in entries if isinstance(entries, list) else [entries]:
                 _check_space_key(key, base)
                 for cond_key in entry.when:
                     _check_space_key(cond_key, base)
+                if key in tied and len(tied) > 1:
+                    continue  # checked with the fields it is tied to (_tied_fields_fit_together)
                 for value in entry.extremes():
                     trial = copy.deepcopy(base)
                     for cond_key, allowed in entry.when.items():  # as in a trial the entry applies to
@@ -687,7 +729,30 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         set_path(raw, key, value)
         if not key.startswith("space.") and isinstance(raw.get("space"), dict):
             raw["space"].pop(key, None)
+            _settle_conditions(raw["space"], key, value)
     return raw
+
+
+def _settle_conditions(space: dict, key: str, value: Any) -> None:
+    """A field fixed by --set settles the `when` conditions on it: an alternative that needed
+    another value can no longer apply and is dropped, one that needed this value no longer needs
+    the condition (e.g. `--set model.backbone=resnet50` keeps only resnet50's `train.lr` entry)."""
+    for name in list(space):
+        entries = space[name]
+        alternatives = entries if isinstance(entries, list) else [entries]
+        kept = []
+        for entry in alternatives:
+            when = entry.get("when") if isinstance(entry, dict) else None
+            if isinstance(when, dict) and key in when:
+                allowed = when[key] if isinstance(when[key], list) else [when[key]]
+                if value not in allowed:
+                    continue
+                entry = {**entry, "when": {k: v for k, v in when.items() if k != key}}
+            kept.append(entry)
+        if not kept:
+            del space[name]
+        else:
+            space[name] = kept if isinstance(entries, list) else kept[0]
 
 
 def validate_spec(raw: dict, source: str = "spec") -> Spec:

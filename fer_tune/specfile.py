@@ -18,6 +18,8 @@ import itertools
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from pydantic import ValidationError
+
 from fer_tune.errors import UserError
 from fer_tune.io import read_yaml
 from fer_tune.layout import find_model, is_experiment
@@ -54,7 +56,10 @@ def check_spec(spec: Spec, source: str = "spec", sections: tuple[str, ...] = CHE
         set_path(raw, key, resolved)
     for space_key, entry in spec.space_entries():
         for extreme in entry.extremes():
-            trial = spec.with_drawn(space_key, entry, extreme)
+            try:
+                trial = spec.with_drawn(space_key, entry, extreme)
+            except ValidationError:  # a value valid only with its tied fields (the schema checked those)
+                continue
             for key, check in checks:
                 problem, _ = check(trial, _get(trial, key))
                 if problem:
@@ -80,6 +85,9 @@ def check_same_experiment(spec: Spec, out: Path, resume: bool = False, search: b
     """
     out = Path(out)
     saved = out / "spec.yaml"
+    if not search and (out / "tune").exists():
+        raise UserError(f"{out} holds a search (tune/); `fer-tune train` would overwrite its best model: use "
+                        f"another --out")
     if not saved.exists():
         if resume:
             raise UserError(f"--resume: {out} holds no experiment to resume (no spec.yaml)")
@@ -94,9 +102,6 @@ def check_same_experiment(spec: Spec, out: Path, resume: bool = False, search: b
         raise UserError(f"{out} holds a different experiment ({differences[0]}"
                         f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); "
                         f"use another --out, or the same spec and --set values to resume it")
-    if not search and (out / "tune").exists():
-        raise UserError(f"{out} holds a search of this spec (tune/); `fer-tune train` would overwrite its best "
-                        f"model: use another --out")
 
 
 def _check_drawn_together(spec: Spec, source: str, checks: list) -> None:

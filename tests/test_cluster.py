@@ -277,3 +277,15 @@ def test_gpu_shares_are_fractions_of_one_or_whole_gpus(tiny_spec, gpus, expected
     assert main(["run", str(tiny_spec), "--set", f"resources.gpus_per_worker={gpus}", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_concurrency_counts_whole_shares_of_each_gpu(monkeypatch):
+    import ray
+
+    from fer_tune.search.cluster import placement
+    from fer_tune.spec import validate_spec
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64, "GPU": 3})
+    for share, expected in ((0.7, 3), (0.25, 12), (0.5, 6), (1, 3), (2, 1)):
+        spec = validate_spec({"resources": {"use_gpu": True, "gpus_per_worker": share}})
+        assert placement(spec) == (True, expected), share

@@ -318,3 +318,23 @@ def test_a_train_split_of_one_image_is_one_line_not_a_batchnorm_error(tmp_path, 
                                                  "split": {"val": 1, "test": 1, "seed": 0}}, train={"epochs": 1})
     assert main(["train", str(spec), "--out", str(tmp_path / "run")]) == 2
     one_line_error(capsys, "the train split has 1 image(s) for 1 training worker(s); each needs at least 2")
+
+
+def test_the_folder_lock_never_follows_a_symlink(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".fer-tune.lock").symlink_to(precious)
+    assert main(["train", str(write_spec(tmp_path / "s.yaml")), "--out", str(out)]) == 2
+    one_line_error(capsys, "cannot lock the experiment folder", "a symlink is refused")
+    assert precious.read_text() == "keep me"
+
+
+def test_train_never_overwrites_a_search(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "tune").mkdir(parents=True)
+    spec = write_spec(tmp_path / "s.yaml")
+    assert main(["train", str(spec), "--out", str(out)]) == 2
+    one_line_error(capsys, f"{out} holds a search (tune/); `fer-tune train` would overwrite its best model")
+    assert sorted(p.name for p in out.iterdir()) == ["tune"]

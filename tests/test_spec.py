@@ -250,3 +250,29 @@ def test_a_conditional_entry_is_checked_as_the_trials_it_applies_to_would_run(ti
     assert spec.space["train.freeze_epochs"].when == {"train.epochs": [10]}
     assert "train.freeze_epochs 4 is not below train.epochs 1" in error_of(
         tiny_spec, "train.epochs=1", "space.train.freeze_epochs={choice: [0, 4]}")
+
+
+def test_fixing_a_field_with_set_settles_the_conditions_on_it():
+    spec = read_spec(REPO / "search_spaces" / "regularization.yaml", ["data.source=synthetic", "model.backbone=resnet50"])
+    assert "model.backbone" not in spec.space
+    assert [(e.loguniform, e.when) for e in spec.space["train.lr"]] == [((3.0e-5, 1.0e-3), {})]  # resnet50's entry
+    fixed = read_spec(REPO / "search_spaces" / "resnet50_fix.yaml", ["data.source=synthetic", "train.optimizer=adamw"])
+    assert "train.momentum" not in fixed.space  # sgd's only
+    assert [e.loguniform for e in fixed.space["train.lr"]] == [(1.0e-5, 3.0e-3)]
+
+
+def test_fields_tied_by_a_rule_are_checked_in_every_combination_a_space_draws(tiny_spec):
+    message = error_of(tiny_spec, "space.train.epochs={int: [2, 20]}", "space.train.freeze_epochs={int: [0, 5]}")
+    assert ("space entries 'train.epochs' = 2 with 'train.freeze_epochs' = 5 cannot be drawn together: "
+            "train.freeze_epochs 5 is not below train.epochs 2") in message
+    load_spec(tiny_spec, ["space.train.epochs={int: [6, 20]}", "space.train.freeze_epochs={int: [0, 5]}"])
+
+
+def test_a_typo_in_a_condition_is_named_as_one(tiny_spec):
+    message = error_of(tiny_spec, "space.model.dropout={uniform: [0.0, 0.5], when: {model.backbon: resnet10t}}")
+    assert "space key 'model.backbon' names no spec field" in message
+
+
+def test_gpu_shares_are_for_one_worker_trials(tiny_spec):
+    message = error_of(tiny_spec, "resources.workers_per_trial=2", "resources.gpus_per_worker=0.5")
+    assert "gpus_per_worker 0.5 with workers_per_trial 2: the ranks of one trial could land on the same GPU" in message

@@ -29,9 +29,10 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
         print(f"note: {spec.name} has a space: section; `train` runs its base values "
               f"(`fer-tune run` searches it)")
     spec = spec.with_values({})
-    check_same_experiment(spec, out, search=False)
+    check_same_experiment(spec, out, search=False)  # before anything is written there
     check_writable(out)
     with folder_lock(out):
+        check_same_experiment(spec, out, search=False)  # again: another command may have finished meanwhile
         return _train(spec, out, verbose, started)
 
 

@@ -39,6 +39,9 @@ MATCH_IOU = 0.3
 MAX_GAP = 5
 """Processed frames a track may go unseen (a missed detection, a turned head) before it ends."""
 
+MAX_PENDING_FRAMES = 16
+"""Decoded frames held while a batch of faces fills (frames without faces add none)."""
+
 COLUMNS = ["frame", "time", "track", "x", "y", "w", "h", "expression", *PROBABILITY_COLUMNS, "valence", "arousal",
            "frame_expression"]
 
@@ -160,6 +163,9 @@ def predict_video(runtime, path: Path, out: Path, every: int = 1, smooth: int = 
             if writer is None:
                 writer_size = (frame.shape[1], frame.shape[0])
                 writer = cv2.VideoWriter(str(written_path), cv2.VideoWriter_fourcc(*"mp4v"), fps / every, writer_size)
+                if not writer.isOpened():
+                    raise UserError(f"{written_path}: OpenCV cannot write an mp4v video here (no encoder in this "
+                                    f"OpenCV build, or the folder is not writable)")
             if (frame.shape[1], frame.shape[0]) != writer_size:
                 frame = cv2.resize(frame, writer_size, interpolation=cv2.INTER_AREA)
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
@@ -183,7 +189,7 @@ def predict_video(runtime, path: Path, out: Path, every: int = 1, smooth: int = 
             tracks = tracker.assign([(f.x, f.y, f.w, f.h) for f in faces])
             pending.append((index, rgb, faces, tracks))
             processed += 1
-            if sum(len(p[2]) for p in pending) >= BATCH_SIZE:
+            if sum(len(p[2]) for p in pending) >= BATCH_SIZE or len(pending) >= MAX_PENDING_FRAMES:
                 flush()
         flush()
     except BaseException:  # interrupted or failed mid-way: the rows of the frames read so far are kept

@@ -7,6 +7,7 @@ the source and the image size, so a changed dataset never reuses a stale cache.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -98,8 +99,8 @@ def _build(data_spec, table: pd.DataFrame, split: str, path: Path, kept_path: Pa
     """
     size = data_spec.image_size
     started = time.perf_counter()
-    partial = path.with_name(f".{path.name}.partial")
-    images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(table), size, size, 3))
+    partial, compact = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.compact")
+    images = reserved_memmap(partial, (len(table), size, size, 3))
     bad: list[tuple[int, BadImage]] = []
 
     def decode(i: int) -> None:
@@ -129,8 +130,7 @@ def _build(data_spec, table: pd.DataFrame, split: str, path: Path, kept_path: Pa
         if len(kept) == 0:
             raise UserError(f"no readable images in the {split} split")
         if len(kept) < len(table):  # close the gaps, a chunk at a time
-            compact = path.with_name(f".{path.name}.compact")
-            out = np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(len(kept), size, size, 3))
+            out = reserved_memmap(compact, (len(kept), size, size, 3))
             for start in range(0, len(kept), 4096):
                 out[start:start + 4096] = images[kept[start:start + 4096]]
             out.flush()
@@ -143,11 +143,27 @@ def _build(data_spec, table: pd.DataFrame, split: str, path: Path, kept_path: Pa
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+        compact.unlink(missing_ok=True)
     atomic_save_npy(kept_path, kept)  # last: its presence says the cache is complete
     seconds = time.perf_counter() - started
     if progress and len(table) >= 1000:
         print(f"cached {len(kept)} {split} images at {size}px in {seconds:.1f} s ({len(kept) / seconds:.0f} "
               f"images/s, {threads} threads, {path.stat().st_size / 2**20:.0f} MiB at {path})", flush=True)
+
+
+def reserved_memmap(path: Path, shape: tuple) -> np.ndarray:
+    """A uint8 .npy memory map whose disk space is reserved up front: a disk too small fails here
+    with ENOSPC (one line from the CLI), not later with SIGBUS while the map is written."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without it: written as they go
+                del images
+                path.unlink(missing_ok=True)
+                raise OSError(err.errno, err.strerror, str(path)) from None
+    return images
 
 
 def decode_threads() -> int:

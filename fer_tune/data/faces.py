@@ -34,7 +34,7 @@ EYE_CASCADE = "haarcascade_eye.xml"
 
 _DETECT_MAX_SIDE = 1280  # detection runs on a copy no larger than this: big photos stay fast
 _DETECT_MIN_SIDE = 160   # ... and no smaller than this: tiny crops get enough pixels for the cascade
-_DETECT_PAD = 0.25       # replicated border (share of the shorter side): finds faces that fill the frame
+_DETECT_PAD = 0.25       # border (share of the shorter side; Haar: replicated, RetinaFace: black): finds faces that fill the frame
 _MAX_TILT = 30.0         # eye pairs tilted more than this are taken for a misdetection
 
 

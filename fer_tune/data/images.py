@@ -83,10 +83,12 @@ def as_rgb(im):
     conversion clips them, turning most of a 16-bit face white); transparency is dropped."""
     from PIL import Image
 
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # "I": how PIL opens 16-bit PNGs and TIFFs
         gray = np.asarray(im).astype(np.float64)
-        top = 255.0 if gray.max(initial=0) <= 255 else 65535.0
-        return Image.fromarray(np.clip(gray / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(np.clip(gray / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":  # floating-point TIFF: 0-1 by convention
+        gray = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        return Image.fromarray(np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
 
 

@@ -203,7 +203,10 @@ def placement(spec: Spec, joined: bool = False) -> tuple[bool, int]:
               f"wait for nodes to join")
     fit = int(cpus / need_cpu + 1e-9)
     if use_gpu:
-        fit = min(fit, int(gpus / need_gpu + 1e-9))  # 0.25 GPU a trial: four trials share each GPU
+        share = res.gpus_per_worker
+        # a share never spans two GPUs: 0.7 of a GPU fits once on each, 0.25 four times
+        per_gpu = int(1 / share + 1e-9) if share < 1 else 0
+        fit = min(fit, int(gpus + 1e-9) * per_gpu if share < 1 else int(gpus / need_gpu + 1e-9))
     limit = spec.search.max_concurrent_trials
     if joined and limit:
         return use_gpu, limit

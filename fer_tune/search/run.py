@@ -64,6 +64,7 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     check_same_experiment(spec, out, resume)
     check_writable(out)
     with folder_lock(out):  # held until the search, its final phase and its report are done
+        check_same_experiment(spec, out, resume)  # again: another command may have finished meanwhile
         return _search(spec, out, resume, address, verbose, started)
 
 

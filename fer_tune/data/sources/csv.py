@@ -120,9 +120,9 @@ def record_lines(path: Path, records: int) -> np.ndarray:
     starts, previous = [], 0
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(f, skipinitialspace=True)  # as pandas reads it
             for row in reader:
-                if row:
+                if row and any(cell.strip() for cell in row):
                     starts.append(previous + 1)
                 previous = reader.line_num
     except (OSError, UnicodeDecodeError, csv.Error):
@@ -136,7 +136,7 @@ def wider_than_header(path: Path) -> tuple[int, int, int]:
     import csv
 
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, skipinitialspace=True)
         header, previous = None, 0
         for row in reader:
             if row:
