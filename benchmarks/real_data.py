@@ -76,7 +76,9 @@ class Bench:
 
     def __init__(self, args, work: Path, data: list[str], names: dict[str, str]):
         self.args, self.work, self.data, self.names = args, work, data, names
-        self.common = [*data, f"resources.cpus_per_worker={args.cpus_per_trial:g}"]
+        # loader_workers pinned: a CPU benchmark uses none, and a search begun before `auto` existed
+        # (saved as 0) resumes as the same experiment
+        self.common = [*data, f"resources.cpus_per_worker={args.cpus_per_trial:g}", "data.loader_workers=0"]
         self.spaces = SEARCH_SPACES  # the smoke run's are made small
 
     def experiment(self, name: str, command: str, spec: Path, sets: list[str]) -> Path:
