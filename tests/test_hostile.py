@@ -338,3 +338,31 @@ def test_train_never_overwrites_a_search(tmp_path, capsys):
     assert main(["train", str(spec), "--out", str(out)]) == 2
     one_line_error(capsys, f"{out} holds a search (tune/); `fer-tune train` would overwrite its best model")
     assert sorted(p.name for p in out.iterdir()) == ["tune"]
+
+
+def test_a_second_search_on_a_folder_in_use_refuses_before_ray_starts(tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.yaml", space={"model.dropout": {"uniform": [0.0, 0.3]}},
+                      search={"num_samples": 2, "finalists": 0})
+    out = tmp_path / "run"
+    out.mkdir()
+    with folder_lock(out):
+        assert main(["run", str(spec), "--out", str(out)]) == 2
+    one_line_error(capsys, f"{out} is in use by another fer-tune command")
+    assert not (out / "spec.yaml").exists() and not (out / "tune").exists()
+
+
+def test_torch_reporting_a_full_disk_is_the_one_line_of_a_full_disk(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from fer_tune.engine import artifacts
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(artifacts.torch, "save", fails)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("Usage", "total used free")(1, 1, 0))
+    with pytest.raises(OSError) as info:
+        artifacts.save_torch(tmp_path / "model.pt", {})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "model.pt")
+    assert not list(tmp_path.iterdir())  # nothing half-written left

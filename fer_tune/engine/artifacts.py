@@ -13,8 +13,10 @@ to another machine, or whose dataset has moved away, still loads.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -37,7 +39,17 @@ EXPORTED_SUFFIXES = (".ts", ".onnx")
 
 
 def save_torch(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """`torch.save` through `atomic_write`. torch reports a full disk as a RuntimeError of its
+    stream writer; it is raised as the OSError it is, so the CLI says it in one line."""
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            if shutil.disk_usage(tmp.parent).free < 64 * 2**20:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
+            raise
+
+    atomic_write(path, write)
 
 
 def load_torch(path: Path):
