@@ -146,3 +146,21 @@ def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_sa
     shorter.write_text(load_spec(spec_file, ["train.epochs=5"]).to_yaml())
     with pytest.raises(SystemExit, match=r"train.epochs: it ran 10, this run has 5"):
         search_efficiency.reused_random(shorter, 0, tmp_path, later)
+
+
+def test_gpu_check_smoke_shares_trials_and_its_search_is_a_valid_spec():
+    """benchmarks/gpu.py's parts 1 and 3 are the P1 smoke above and `fer-tune run`; here its own
+    part (trials sharing a device) runs end to end, and part 3's settings load as specs."""
+    import argparse
+
+    import gpu
+    from fer_tune.specfile import load_spec, read_spec
+
+    for smoke in (True, False):
+        sets, _, _ = gpu.search_sets(argparse.Namespace(smoke=smoke, cpus=8.0, search_samples=32, search_epochs=10))
+        (load_spec if smoke else read_spec)(REPO / "search_spaces" / "pretrained.yaml", sets)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--skip", "p1", "search"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 2 | 0.5 | 2 |" in done.stdout
+    assert "sharing the GPU:" in done.stdout.strip().splitlines()[-1] and "[smoke]" in done.stdout
