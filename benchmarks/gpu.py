@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--search-samples", type=int, default=32)
     parser.add_argument("--search-epochs", type=int, default=10)
     parser.add_argument("--skip", nargs="*", default=[], choices=["p1", "share", "search"])
+    parser.add_argument("--concurrency", nargs="+", type=int, help="trials at once to measure in part 2 "
+                                                                   "(default 1 2 4 8; smoke 1 2)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models and data: a wiring check")
     args = parser.parse_args(argv)
 
@@ -102,15 +104,17 @@ def main(argv=None) -> int:
             lines.append("P1 on the GPU: see the ratio lines above")
         if "share" not in args.skip:
             rows, rates = [], {}
-            for concurrency in ((1, 2) if args.smoke else (1, 2, 4, 8)):
+            for concurrency in args.concurrency or ((1, 2) if args.smoke else (1, 2, 4, 8)):
                 rates[concurrency], trials = shared_gpu(concurrency, args, work)
+                base = rates.get(1)
                 rows.append([concurrency, f"{1 / concurrency:g}", trials, f"{rates[concurrency]:.0f}",
-                             f"{rates[concurrency] / rates[1]:.2f}"])
+                             f"{rates[concurrency] / base:.2f}" if base else "n/a"])
             print(markdown_table(["trials at once", "GPU per trial", "trials", "images/s (all trials)",
                                   "speed-up over one at a time"], rows))
             best = max(rates, key=rates.get)
             lines.append(f"sharing the GPU: {rates[best] / rates[1]:.2f}x the images/s of one trial at a time, "
-                         f"at {best} trials per GPU")
+                         f"at {best} trials per GPU" if 1 in rates else
+                         f"sharing the GPU: {rates[best]:.0f} images/s at {best} trials per GPU")
         if "search" not in args.skip:
             sets, samples, epochs = search_sets(args)
             started = time.perf_counter()

@@ -159,8 +159,8 @@ def test_gpu_check_smoke_shares_trials_and_its_search_is_a_valid_spec():
     for smoke in (True, False):
         sets, _, _ = gpu.search_sets(argparse.Namespace(smoke=smoke, cpus=8.0, search_samples=32, search_epochs=10))
         (load_spec if smoke else read_spec)(REPO / "search_spaces" / "pretrained.yaml", sets)
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--skip", "p1", "search"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--skip", "p1", "search",
+                           "--concurrency", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| 2 | 0.5 | 2 |" in done.stdout
+    assert "| 2 | 0.5 | 2 |" in done.stdout  # two trials at once, half a device each
     assert "sharing the GPU:" in done.stdout.strip().splitlines()[-1] and "[smoke]" in done.stdout
