@@ -20,7 +20,7 @@ import math
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -444,6 +444,8 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _conditions_can_hold(self) -> "Spec":
         """A `when` that no trial can meet leaves its entry dead: almost always a typo."""
+        if not any(entry.when for _, entry in self.space_entries()):
+            return self
         base = self.model_dump(mode="json", exclude={"space"})
         for key, entry in self.space_entries():
             for field, allowed in entry.when.items():
@@ -452,12 +454,12 @@ class Spec(Strict):
                     drawers = [e for k, e in self.space_entries() if k == field]
                     possible = any(e.cannot_draw(v) is None for e in drawers for v in allowed)
                     # a conditional drawer leaves the base value to trials it does not apply to
-                    possible = possible or (any(e.when for e in drawers) and _safe_get(base, field) in allowed)
+                    possible = possible or (any(e.when for e in drawers) and get_path(base, field) in allowed)
                 else:
-                    possible = _safe_get(base, field) in allowed
+                    possible = get_path(base, field) in allowed
                 if not possible:
                     raise ValueError(f"space entry '{key}': when {field} in {allowed}, which no trial can have "
-                                     f"({field} is {_safe_get(base, field)!r} and "
+                                     f"({field} is {get_path(base, field)!r} and "
                                      f"{'its entries never draw those' if field in self.space else 'not searched'}); "
                                      f"the entry would never apply")
         return self
@@ -471,20 +473,14 @@ class Spec(Strict):
             return self
         base = self.model_dump(mode="json", exclude={"space"})
         base["search"]["points"] = []
-        options = [[(k, e, v) for name, e in self.space_entries() if name == k for v in e.extremes()] for k in tied]
-        for drawn in itertools.product(*options):
-            values = {key: value for key, _, value in drawn}
-            if any(values[field] not in allowed for _, entry, _ in drawn
-                   for field, allowed in entry.when.items() if field in values):
-                continue  # a combination the entries' conditions never draw
-            combination = list(values.items())
+        for values in self.drawn_together(tied):
             trial = copy.deepcopy(base)
-            for key, value in combination:
+            for key, value in values.items():
                 set_path(trial, key, value)
             try:
                 Spec.model_validate(trial)
             except ValidationError as err:
-                together = " with ".join(f"'{k}' = {short_repr(v)}" for k, v in combination)
+                together = " with ".join(f"'{k}' = {short_repr(v)}" for k, v in values.items())
                 raise ValueError(f"space entries {together} cannot be drawn together: {_first_error(err)}") from None
         return self
 
@@ -502,10 +498,8 @@ class Spec(Strict):
                     continue  # checked with the fields it is tied to (_tied_fields_fit_together)
                 for value in entry.extremes():
                     trial = copy.deepcopy(base)
-                    for cond_key, allowed in entry.when.items():  # as in a trial the entry applies to
-                        if _safe_get(trial, cond_key) not in allowed:
-                            set_path(trial, cond_key, allowed[0])
-                    set_path(trial, key, value)
+                    for field, met in {**_unmet_conditions(trial, entry), key: value}.items():
+                        set_path(trial, field, met)  # as in a trial the entry applies to
                     try:
                         Spec.model_validate(trial)
                     except ValidationError as err:
@@ -614,11 +608,19 @@ class Spec(Strict):
                 walked[key] = (entry, draw(key, entry) if draw else get_path(base, key))
         return walked
 
+    def drawn_together(self, keys: list[str]) -> Iterator[dict[str, Any]]:
+        """Every combination of the extremes the space's entries of `keys` can draw, as {key: value},
+        but those where an entry's `when` on another of `keys` rules it out."""
+        options = [[(k, e, v) for name, e in self.space_entries() if name == k for v in e.extremes()] for k in keys]
+        for drawn in itertools.product(*options):
+            values = {key: value for key, _, value in drawn}
+            if all(values[field] in allowed for _, entry, _ in drawn
+                   for field, allowed in entry.when.items() if field in values):
+                yield values
+
     def with_drawn(self, key: str, entry: "SpaceEntry", value: Any) -> "Spec":
         """A trial's spec where `entry` drew `value`: its `when` fields set to values it applies to."""
-        raw = self.model_dump(mode="json")
-        values = {field: allowed[0] for field, allowed in entry.when.items() if _safe_get(raw, field) not in allowed}
-        return self.with_values({**values, key: value})
+        return self.with_values({**_unmet_conditions(self.model_dump(mode="json"), entry), key: value})
 
     def with_values(self, values: dict[str, Any], keep_space: bool = False) -> "Spec":
         """This spec with dotted-path values set (a trial's config), validated again."""
@@ -650,13 +652,9 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _safe_get(raw: dict, key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def _unmet_conditions(raw: dict, entry: SpaceEntry) -> dict[str, Any]:
+    """The entry's `when` fields that `raw` does not meet, each with the first value it allows."""
+    return {field: allowed[0] for field, allowed in entry.when.items() if get_path(raw, field) not in allowed}
 
 
 def _check_space_key(key: str, base: dict) -> None:

@@ -14,7 +14,6 @@ experiment whose dataset has moved away still works:
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -111,15 +110,10 @@ def _check_drawn_together(spec: Spec, source: str, checks: list) -> None:
     imagenet` is valid for one backbone of a `model.backbone` choice and not for the other.
     A combination that an entry's `when` rules out is skipped.
     """
-    drawn = {key: [(entry, value) for k, entry in spec.space_entries() if k == key for value in entry.extremes()]
-             for key, _ in checks if key in spec.space}
+    drawn = [key for key, _ in checks if key in spec.space]
     if len(drawn) < 2:
         return
-    for combination in itertools.product(*drawn.values()):
-        values = {key: value for key, (_, value) in zip(drawn, combination)}
-        if any(values[field] not in allowed for entry, _ in combination
-               for field, allowed in entry.when.items() if field in values):
-            continue
+    for values in spec.drawn_together(drawn):
         trial = spec.with_values(values)
         for key, check in checks:
             problem, _ = check(trial, _get(trial, key))
