@@ -29,7 +29,7 @@ import pandas as pd
 
 from fer_tune import EXPRESSIONS
 from fer_tune.commands.predict import BATCH_SIZE, PROBABILITY_COLUMNS, annotate, to_batch
-from fer_tune.data.faces import DEFAULT_MARGIN, Face, check_margin, crop_face, make_detector, resize_face
+from fer_tune.data.faces import DEFAULT_MARGIN, Face, check_margin, crop_face, iou, make_detector, resize_face
 from fer_tune.engine.runtime import load_runtime
 from fer_tune.errors import UserError
 from fer_tune.io import atomic_write, check_writable
@@ -44,14 +44,6 @@ MAX_PENDING_FRAMES = 16
 
 COLUMNS = ["frame", "time", "track", "x", "y", "w", "h", "expression", *PROBABILITY_COLUMNS, "valence", "arousal",
            "frame_expression"]
-
-
-def iou(a: tuple, b: tuple) -> float:
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
 
 
 @dataclass

@@ -34,7 +34,7 @@ EYE_CASCADE = "haarcascade_eye.xml"
 
 _DETECT_MAX_SIDE = 1280  # detection runs on a copy no larger than this: big photos stay fast
 _DETECT_MIN_SIDE = 160   # ... and no smaller than this: tiny crops get enough pixels for the cascade
-_DETECT_PAD = 0.25       # border (share of the shorter side; Haar: replicated, RetinaFace: black): finds faces that fill the frame
+_DETECT_PAD = 0.25       # border, as a share of the shorter side (Haar: replicated, RetinaFace: black)
 _MAX_TILT = 30.0         # eye pairs tilted more than this are taken for a misdetection
 
 
@@ -71,22 +71,9 @@ class FaceDetector:
     def find(self, rgb: np.ndarray) -> list[Face]:
         """Every face in the photo, largest first."""
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        height, width = gray.shape
-        scale = min(1.0, _DETECT_MAX_SIDE / max(height, width))
-        if min(height, width) * scale < _DETECT_MIN_SIDE:
-            scale = min(_DETECT_MIN_SIDE / min(height, width), _DETECT_MAX_SIDE / max(height, width))
-        small = gray if scale == 1.0 else cv2.resize(
-            gray, (max(1, round(width * scale)), max(1, round(height * scale))),
-            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        pad = round(_DETECT_PAD * min(small.shape))
-        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        found = self.faces.detectMultiScale(padded, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
-        boxes = []
-        for x, y, w, h in (found if len(found) else []):
-            x0, y0 = max(0.0, (x - pad) / scale), max(0.0, (y - pad) / scale)
-            x1, y1 = min(width, (x + w - pad) / scale), min(height, (y + h - pad) / scale)
-            if x1 - x0 >= 8 and y1 - y0 >= 8:
-                boxes.append((round(x0), round(y0), round(x1 - x0), round(y1 - y0)))
+        view = _DetectionView(gray, cv2.BORDER_REPLICATE)
+        found = self.faces.detectMultiScale(view.image, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+        boxes = [box for box in (view.to_photo(*b) for b in (found if len(found) else [])) if box is not None]
         boxes = _drop_nested(sorted(boxes, key=lambda b: -b[2] * b[3]))
         return [Face(*box, angle=self.eye_angle(gray, box) if self.eyes is not None else 0.0)
                 for box in boxes]
@@ -142,17 +129,9 @@ class RetinaFaceDetector:
 
     def find(self, rgb: np.ndarray) -> list[Face]:
         """Every face in the photo, largest first."""
-        height, width = rgb.shape[:2]
-        scale = min(1.0, _DETECT_MAX_SIDE / max(height, width))
-        if min(height, width) * scale < _DETECT_MIN_SIDE:
-            scale = min(_DETECT_MIN_SIDE / min(height, width), _DETECT_MAX_SIDE / max(height, width))
-        small = rgb if scale == 1.0 else cv2.resize(
-            rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        pad = round(_DETECT_PAD * min(small.shape[:2]))  # faces that fill the frame keep some context
-        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        h, w = padded.shape[:2]
-        blob = (padded[..., ::-1].astype(np.float32) - self.MEAN_BGR).transpose(2, 0, 1)[None]
+        view = _DetectionView(rgb, cv2.BORDER_CONSTANT)
+        h, w = view.image.shape[:2]
+        blob = (view.image[..., ::-1].astype(np.float32) - self.MEAN_BGR).transpose(2, 0, 1)[None]
         loc, conf, landmarks = self.session.run(None, {"input": np.ascontiguousarray(blob)})
         anchors = self._anchors(w, h)
         centres = anchors[:, :2] + loc[0, :, :2] * 0.1 * anchors[:, 2:]
@@ -166,15 +145,12 @@ class RetinaFaceDetector:
                                   self.nms_threshold) if len(keep) else []
         faces = []
         for i in keep[np.asarray(chosen, dtype=int).reshape(-1)]:
-            x0, y0 = max(0.0, (boxes[i, 0] - pad) / scale), max(0.0, (boxes[i, 1] - pad) / scale)
-            x1 = min(width, (boxes[i, 0] + boxes[i, 2] - pad) / scale)
-            y1 = min(height, (boxes[i, 1] + boxes[i, 3] - pad) / scale)
-            if x1 - x0 < 8 or y1 - y0 < 8:
+            box = view.to_photo(*boxes[i])
+            if box is None:
                 continue
             (lx, ly), (rx, ry) = points[i, 0], points[i, 1]  # the face's left and right eye, as seen
             angle = math.degrees(math.atan2(ry - ly, rx - lx)) if self.level_eyes else 0.0
-            faces.append(Face(round(x0), round(y0), round(x1 - x0), round(y1 - y0),
-                              angle=angle if abs(angle) <= _MAX_TILT else 0.0))
+            faces.append(Face(*box, angle=angle if abs(angle) <= _MAX_TILT else 0.0))
         return sorted(faces, key=lambda f: -f.w * f.h)
 
     @functools.lru_cache(maxsize=8)
@@ -253,6 +229,45 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
     return cascade
 
 
+class _DetectionView:
+    """The copy of a photo a detector looks at: scaled to between _DETECT_MIN_SIDE and
+    _DETECT_MAX_SIDE (big photos stay fast, small crops get pixels enough) and padded by
+    _DETECT_PAD (faces that fill the frame keep some context); `to_photo` maps a box back."""
+
+    def __init__(self, image: np.ndarray, border: int):
+        self.height, self.width = image.shape[:2]
+        scale = min(1.0, _DETECT_MAX_SIDE / max(self.height, self.width))
+        if min(self.height, self.width) * scale < _DETECT_MIN_SIDE:
+            scale = min(_DETECT_MIN_SIDE / min(self.height, self.width), _DETECT_MAX_SIDE / max(self.height, self.width))
+        small = image if scale == 1.0 else cv2.resize(
+            image, (max(1, round(self.width * scale)), max(1, round(self.height * scale))),
+            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        self.scale, self.pad = scale, round(_DETECT_PAD * min(small.shape[:2]))
+        self.image = cv2.copyMakeBorder(small, *[self.pad] * 4, border, value=0)
+
+    def to_photo(self, x: float, y: float, w: float, h: float):
+        """(x, y, w, h) in the photo's pixels, clipped to it; None when under 8 px a side."""
+        x0, y0 = max(0.0, (x - self.pad) / self.scale), max(0.0, (y - self.pad) / self.scale)
+        x1 = min(self.width, (x + w - self.pad) / self.scale)
+        y1 = min(self.height, (y + h - self.pad) / self.scale)
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            return None
+        return round(x0), round(y0), round(x1 - x0), round(y1 - y0)
+
+
+def iou(a: tuple, b: tuple) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    inter = _intersection(a, b)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _intersection(a: tuple, b: tuple) -> float:
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy
+
+
 def _drop_nested(boxes: Iterable[tuple]) -> list[tuple]:
     """Keep the larger of two boxes that mostly overlap: the cascade sometimes reports a face twice."""
     kept: list[tuple] = []
@@ -263,6 +278,4 @@ def _drop_nested(boxes: Iterable[tuple]) -> list[tuple]:
 
 
 def _overlap_of_smaller(a: tuple, b: tuple) -> float:
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return ix * iy / max(1, min(a[2] * a[3], b[2] * b[3]))
+    return _intersection(a, b) / max(1, min(a[2] * a[3], b[2] * b[3]))
