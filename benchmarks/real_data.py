@@ -41,6 +41,7 @@ config (data.root relative to the repository) as DIR/<experiment>.yaml.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -123,20 +124,17 @@ class Bench:
                         self.work / f"{name}_second_test.log")
         return out
 
-    class _Timed:
-        def __init__(self, bench: "Bench", name: str):
-            self.bench, self.name = bench, name
-
-        def __enter__(self):
-            self.started = time.time()
-            self.bench.record(self.name, {"started": self.started, "seconds": None, "revision": git_revision()})
-
-        def __exit__(self, *exc):
-            self.bench.record(self.name, {"started": self.started, "seconds": time.time() - self.started,
-                                          "revision": git_revision(), "finished": exc[0] is None})
-
-    def timed(self, name: str) -> "_Timed":
-        return self._Timed(self, name)
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        """Record this piece of `name` in walls.json when it starts and again when it ends."""
+        piece = {"started": time.time(), "seconds": None, "revision": git_revision()}
+        self.record(name, piece)
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            self.record(name, {**piece, "seconds": time.time() - piece["started"], "finished": finished})
 
     def record(self, name: str, piece: dict) -> None:
         walls = read_walls(self.work)
