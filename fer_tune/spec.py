@@ -187,6 +187,11 @@ class ResourcesSpec(Strict):
                                                           "fraction (e.g. 0.25) lets that many trials share one GPU; "
                                                           "above 1, a whole number")
     placement: Literal["pack", "spread"] = "pack"
+    reuse_trial_processes: bool = Field(
+        True, description="trials that train in their own Tune process (trainer: in_trial, or auto's "
+                          "choice) run one after another in the same process, so its start and the import of "
+                          "torch and timm are paid once per trial slot, not per trial (benchmarks/overhead.py); "
+                          "false starts a fresh process for every trial")
     trainer: Literal["auto", "torch_trainer", "in_trial"] = Field(
         "auto", description="how a search's trial trains: through a Ray Train TorchTrainer (any number of "
                             "workers, DDP; Train restarts a crashed worker) or in the Tune trial's own process "
@@ -248,6 +253,10 @@ class SchedulerSpec(Strict):
                                 "the final one, after epoch 2 0.73-0.89; grace 3 reached random search's best in "
                                 "2 of 3 seeds where grace 1 did in 1)")
     reduction_factor: float = Field(3.0, gt=1)
+    brackets: int = Field(1, ge=1, description="ASHA's brackets (asynchronous HyperBand): bracket k first compares "
+                                               "trials at grace x reduction_factor^k, so later brackets let slow "
+                                               "starters run longer; Ray puts each new trial in a bracket at "
+                                               "random, favouring those with more rungs")
     max_t: Optional[int] = Field(None, ge=1, description="epoch cap; default train.epochs")
 
     def grace(self, epochs: int) -> int:

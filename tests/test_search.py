@@ -78,6 +78,23 @@ def test_one_worker_trials_train_in_their_tune_process_only_on_a_ray_fer_tune_st
     assert trains_in_trial(spec(resources={"trainer": "in_trial"}), joined=True)
 
 
+def test_asha_brackets_let_later_ones_compare_trials_later(tmp_path):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from fer_tune.search.run import make_scheduler
+
+    def first_rungs(**scheduler) -> list[int]:
+        spec = load_spec(write_spec(tmp_path / "s.yaml", train={"epochs": 20},
+                                    search={"scheduler": {"grace_period": 2, **scheduler}}))
+        return [int(bracket._rungs[-1][0]) for bracket in make_scheduler(spec)._brackets]
+
+    assert first_rungs() == [2]
+    assert first_rungs(brackets=3) == [2, 6, 18]  # grace x 3^k, within the 20-epoch cap
+    assert first_rungs(brackets=2, reduction_factor=2) == [2, 4]
+    none = load_spec(write_spec(tmp_path / "n.yaml", search={"scheduler": {"type": "none"}}))
+    assert isinstance(make_scheduler(none), FIFOScheduler)
+
+
 # SGD at lr 1e8 diverges at once: the search must record that trial as errored and go on.
 SEARCH_SPACE = {
     "model.backbone": {"choice": ["resnet10t", "mobilenetv3_small_050"]},
@@ -362,3 +379,23 @@ def test_report_and_tensorboard_hparams_cover_every_trial(searched):
                  "parallel_coordinates.png", "param_importances.png", "class_counts.png"):
         assert (out / "report" / name).stat().st_size > 10_000, name
     assert not list((out / "tune").rglob("events.out.tfevents.*"))  # Ray's own TensorBoard files replaced
+
+
+def test_trials_in_their_own_process_reuse_it_and_train_as_a_fresh_process_would(tmp_path):
+    """One process serves trial after trial (resources.reuse_trial_processes), and nothing of an
+    earlier trial leaks into a later one: the last trial's numbers are those `fer-tune train` gets
+    for its config in a process of its own."""
+    spec = write_spec(tmp_path / "s.yaml", space={"model.dropout": {"uniform": [0.0, 0.4]}},
+                      resources={"cpus_per_worker": 2},
+                      search={"num_samples": 3, "finalists": 0, "max_concurrent_trials": 1,
+                              "scheduler": {"type": "none"}, "searcher": {"type": "random", "seed": 0}})
+    assert main(["run", str(spec), "--out", str(tmp_path / "run")]) == 0
+    trials = pd.read_csv(tmp_path / "run" / "report" / "trials.csv")
+    assert len(trials) == 3 and trials["process"].nunique() == 1
+    later = trials[trials["recipe"].astype(object).fillna("") == ""].iloc[-1]
+    assert main(["train", str(spec), "--set", f"model.dropout={float(later['model.dropout'])!r}",
+                 "--out", str(tmp_path / "fresh")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "report" / "metrics.json").read_text())
+    assert fresh["best_epoch"] == later["best_epoch"]
+    assert fresh["val"]["expression_f1"] == pytest.approx(later["val_expression_f1"], abs=1e-6)
+    assert fresh["val"]["valence_ccc"] == pytest.approx(later["val_valence_ccc"], abs=1e-5)

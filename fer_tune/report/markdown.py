@@ -151,7 +151,8 @@ def how_found(exp: Experiment) -> list[str]:
     outcomes = exp.trials["stop_reason"].value_counts().to_dict()
     described = ", ".join(f"{n} {reason}" for reason, n in outcomes.items())
     sched = spec.search.scheduler
-    scheduler = (f"ASHA (grace {sched.grace(spec.train.epochs)}, reduction factor {sched.reduction_factor:g})"
+    scheduler = (f"ASHA (grace {sched.grace(spec.train.epochs)}, reduction factor {sched.reduction_factor:g}"
+                 f"{f', {sched.brackets} brackets' if sched.brackets > 1 else ''})"
                  if sched.type == "asha" else "no early stopping")
     best = exp.trials[exp.trials["trial_id"].astype(str) == str(m.get("best_trial"))]
     objective = best["best_objective"].iloc[0] if len(best) else math.nan

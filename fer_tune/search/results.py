@@ -42,7 +42,7 @@ def trial_table(spec: Spec, results) -> pd.DataFrame:
         if history is not None and "objective" in history and history["objective"].notna().any():
             best_row = history.loc[history["objective"].idxmax()]
             row.update({k: best_row[k] for k in history.columns if str(k).startswith("val_") or k == "train_accuracy"})
-        row["worker_nodes"] = last.get("worker_nodes")
+        row["worker_nodes"], row["process"] = last.get("worker_nodes"), last.get("process")
         row["checkpoint"] = checkpoint_location(spec.search.storage, last.get("checkpoint_path") or "")
         rows.append(row)
     return pd.DataFrame(rows)

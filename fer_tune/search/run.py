@@ -71,7 +71,6 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
 def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose: int, started: float) -> dict:
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     checkpoints = train_storage(spec, out)
     if spec.search.storage is not None:
@@ -94,16 +93,17 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
     storage = str(out)
 
-    sched = spec.search.scheduler
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
-                               grace_period=sched.grace(spec.train.epochs), reduction_factor=sched.reduction_factor)
-                 if sched.type == "asha" else FIFOScheduler())
+    scheduler = make_scheduler(spec)
     # Through a TorchTrainer, the trial function only waits on it: it holds memory, not a CPU a
     # worker needs. It runs on the driver's node, as does the Train controller it starts, so a lost
     # worker node takes only training workers with it, and Train retries the trial from its last
     # checkpoint; a trial that fails anyway (diverged, raised) stays errored, also when resumed.
     # In the trial's own process, the trial holds what one worker would, and Tune does the retries.
     trainable = make_trial(spec, out, use_gpu, checkpoints, data, ray.get_runtime_context().get_node_id(), in_trial)
+    # An in-trial trial that ends (or that ASHA stops: it waits inside its report, which then exits
+    # its thread) hands its process to the next trial; `fit()` sets threads and seeds itself. A
+    # TorchTrainer trial's process is not reused: a stopped trial's controller would train on beside the next.
+    reuse = in_trial and spec.resources.reuse_trial_processes
     holds = trial_holds(spec.resources, use_gpu, in_trial, driver_node_resource())
     trial = tune.with_resources(trainable, holds)
     retries = spec.search.max_failures if in_trial else 0  # a TorchTrainer trial's are Train's
@@ -119,8 +119,7 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
         searcher = make_searcher(spec, out)
         tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-            num_samples=spec.search.num_samples, max_concurrent_trials=concurrency,
-            reuse_actors=False))  # a trial's actor ends with it: nothing of a stopped trial runs on
+            num_samples=spec.search.num_samples, max_concurrent_trials=concurrency, reuse_actors=reuse))
     with ctrl_c_stops_gracefully() as interrupted:
         results = tuner.fit()
     if interrupted or results.num_terminated + results.num_errors < spec.search.num_samples:
@@ -134,13 +133,25 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
         raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
     configs = {str(t): dict(r.config or {}) for t, r in zip(trials["trial_id"], results)}
     runs = finalists.plan(spec, trials, configs)
-    final = run_final(spec, out, runs, trainable, holds, retries, concurrency, verbose)
+    final = run_final(spec, out, runs, trainable, holds, retries, concurrency, reuse, verbose)
     selection = finalists.select(spec, trials, runs, final_outcomes(spec, final, len(runs)) if final else [])
     return finish(spec, out, trials, results, final, runs, selection, prepared, time.time() - started)
 
 
+def make_scheduler(spec: Spec):
+    """ASHA over epochs (`search.scheduler`), or no early stopping."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sched = spec.search.scheduler
+    if sched.type != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
+                         grace_period=sched.grace(spec.train.epochs), reduction_factor=sched.reduction_factor,
+                         brackets=sched.brackets)
+
+
 def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries: int, concurrency: int,
-              verbose: int):
+              reuse: bool, verbose: int):
     """The full-budget runs of `fer_tune.search.finalists`, through Tune as a second experiment
     (DIR/final) with the search's own trainable; resumable like the search. None when there are none."""
     from ray import tune
@@ -168,7 +179,7 @@ def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                                      callbacks=[TrialCurves(out / "tensorboard")]),
                            tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=1,
-                                                       max_concurrent_trials=concurrency, reuse_actors=False))
+                                                       max_concurrent_trials=concurrency, reuse_actors=reuse))
     with ctrl_c_stops_gracefully() as interrupted:
         results = tuner.fit()
     if interrupted or results.num_terminated + results.num_errors < len(runs):

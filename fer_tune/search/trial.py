@@ -70,7 +70,8 @@ def train_and_report(config: dict, rank: int, device, checkpoint, report_to, che
     last: dict = {"metrics": {METRIC: float("nan"), "epoch": 0}, "state": {}}
 
     def report(metrics: dict, state: Optional[dict]) -> None:
-        metrics = {**metrics, "worker_nodes": nodes, "reported_at": time.time()}  # Tune's timestamp is whole s
+        metrics = {**metrics, "worker_nodes": nodes, "process": os.getpid(),
+                   "reported_at": time.time()}  # Tune's timestamp is whole s
         last.update(metrics=metrics, state=state or last["state"])
         if rank != 0 or state is None:
             report_to(metrics)
