@@ -12,7 +12,7 @@ import errno
 import sys
 from pathlib import Path
 
-from fer_tune.errors import SearchInterrupted, UserError
+from fer_tune.errors import Interrupted, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.handler(args)
-    except SearchInterrupted as err:
+    except Interrupted as err:
         print(f"fer-tune: {err}", file=sys.stderr)
         return 130
     except UserError as err:
@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "head's HOST:PORT; default $RAY_ADDRESS, else start one here")
     p.add_argument("--storage", help="trial checkpoints: a shared path or s3://, gs:// URI (multi-node "
                                      "clusters need one); same as --set search.storage=...")
-    spec_command("train", "train one config, test its best epoch once, export it", _train)
+    p = spec_command("train", "train one config, test its best epoch once, export it", _train)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training in --out from its "
+                                                         "last finished epoch")
 
     p = commands.add_parser("distill", help="train (or, if SPEC has a space, search) a student taught by a "
                                             "finished experiment's best model")
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a student spec field, e.g. --set distill.temperature=2 (repeatable)")
     p.add_argument("--out", type=Path, help="experiment folder (default runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search or training in --out")
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: start one here")
     p.set_defaults(handler=_distill)
 
@@ -157,7 +159,7 @@ def _train(args) -> None:
     from fer_tune.specfile import load_spec
 
     spec = load_spec(args.spec, args.set)
-    train_experiment(spec, args.out or Path("runs") / spec.name)
+    train_experiment(spec, args.out or Path("runs") / spec.name, resume=args.resume)
 
 
 def _distill(args) -> None:

@@ -10,7 +10,11 @@ class UserError(Exception):
     """Bad input: a spec, a path, a dataset. `str(err)` is what the user sees."""
 
 
-class SearchInterrupted(UserError):
+class Interrupted(UserError):
+    """Ctrl-C (or a stop) before the work ended: what is finished is kept, and `--resume` goes on."""
+
+
+class SearchInterrupted(Interrupted):
     """Ctrl-C (or a stop) before every trial ended: finished trials are kept, the search can resume."""
 
 

@@ -137,3 +137,42 @@ def test_evaluate_on_data_that_is_only_a_test_set(tiny_spec, tmp_path, capsys):
     assert main(["evaluate", str(out), "--set", "data.source=csv", "--set", f"data.root={flat / 'labels.csv'}",
                  "--out", str(tmp_path / "csv")]) == 0
     assert json.loads((tmp_path / "csv" / "metrics.json").read_text())["test_images"] == 12
+
+
+def test_an_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after epoch 2 of 3 keeps epochs 1-2; `--resume` trains epoch 3 only and ends where an
+    uninterrupted run ends; without --resume the folder is not started over."""
+    import fer_tune.commands.train as train_command
+
+    spec = str(write_spec(tmp_path / "s.yaml", train={"epochs": 3, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0}))
+    assert main(["train", spec, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "report" / "metrics.json").read_text())
+
+    shown = train_command.format_epoch
+
+    def ctrl_c_after_epoch_2(metrics, epochs):
+        if metrics["epoch"] == 2:
+            raise KeyboardInterrupt
+        return shown(metrics, epochs)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(train_command, "format_epoch", ctrl_c_after_epoch_2)
+    assert main(["train", spec, "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"fer-tune: interrupted during epoch 3; epochs 1-2 are kept in "
+                                f"{out / 'checkpoints' / 'last.pt'}: resume with the same command plus --resume"]
+    monkeypatch.setattr(train_command, "format_epoch", shown)
+
+    assert main(["train", spec, "--out", str(out)]) == 2  # not started over unasked
+    assert "holds an unfinished training (epoch 2 of 3): add --resume" in capsys.readouterr().err
+    assert main(["train", spec, "--out", str(out), "--resume"]) == 0
+    assert "resuming after epoch 2 of 3" in capsys.readouterr().out
+    resumed = json.loads((out / "report" / "metrics.json").read_text())
+    history = pd.read_csv(out / "report" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3] and history["resumed_from_epoch"].tolist() == [0, 0, 2]
+    assert resumed["best_epoch"] == whole["best_epoch"] and resumed["epochs_run"] == 3
+    assert resumed["val"]["expression_f1"] == pytest.approx(whole["val"]["expression_f1"], abs=1e-6)
+    assert resumed["expression"]["accuracy"] == pytest.approx(whole["expression"]["accuracy"], abs=1e-6)
+
+    assert main(["train", spec, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "--resume: " in capsys.readouterr().err

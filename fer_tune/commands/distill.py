@@ -31,4 +31,4 @@ def distill(teacher: Path, spec_path: Path, overrides: list[str], out: Optional[
         from fer_tune.search.run import run_search  # deferred: Ray's import costs seconds a plain training never needs
 
         return run_search(spec, out, resume=resume, address=address)
-    return train_experiment(spec, out)
+    return train_experiment(spec, out, resume=resume)

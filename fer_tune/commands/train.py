@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 from fer_tune.data.prepare import prepare_data
-from fer_tune.engine.artifacts import export_best, save_torch
+from fer_tune.engine.artifacts import export_best, load_torch, save_torch
 from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import evaluate_on_test, format_test
-from fer_tune.engine.loop import TrainingDiverged, fit
-from fer_tune.errors import UserError, one_line
+from fer_tune.engine.loop import FitResult, TrainingDiverged, fit
+from fer_tune.errors import Interrupted, UserError, one_line
 from fer_tune.io import atomic_write_text, check_writable, folder_lock
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
@@ -20,8 +20,13 @@ from fer_tune.spec import Spec
 from fer_tune.specfile import check_same_experiment, check_spec
 
 
-def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
-    """Train one config into `out`, evaluate its best epoch once on the test split, export it."""
+def train_experiment(spec: Spec, out: Path, verbose: bool = True, resume: bool = False) -> dict:
+    """Train one config into `out`, evaluate its best epoch once on the test split, export it.
+
+    Every epoch leaves `out/checkpoints/last.pt`; `resume` goes on from it (a long run on a CPU,
+    or one stopped by Ctrl-C), and a folder whose training was interrupted is never started
+    over without being asked.
+    """
     started = time.time()
     spec = check_spec(spec, source=spec.name)  # a spec made in code is checked like a loaded one (cheap, idempotent)
     out = Path(out)
@@ -29,14 +34,41 @@ def train_experiment(spec: Spec, out: Path, verbose: bool = True) -> dict:
         print(f"note: {spec.name} has a space: section; `train` runs its base values "
               f"(`fer-tune run` searches it)")
     spec = spec.with_values({})
-    check_same_experiment(spec, out, search=False)  # before anything is written there
+    check_same_experiment(spec, out, resume, search=False)  # before anything is written there
     check_writable(out)
     with folder_lock(out):
-        check_same_experiment(spec, out, search=False)  # again: another command may have finished meanwhile
-        return _train(spec, out, verbose, started)
+        check_same_experiment(spec, out, resume, search=False)  # again: another command may have finished meanwhile
+        return _train(spec, out, verbose, started, last_checkpoint(out, resume))
 
 
-def _train(spec: Spec, out: Path, verbose: bool, started: float) -> dict:
+def last_checkpoint(out: Path, resume: bool) -> Optional[dict]:
+    """With `resume`, the interrupted training's last epoch; without, None, after making sure no
+    unfinished training would be started over."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        if resume:
+            raise UserError(f"--resume: {out} holds no epoch to resume from ({CHECKPOINT}); train without --resume")
+        return None
+    try:
+        state = load_torch(path)
+        done = state["history"][-1]
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the same answer
+        if resume:
+            raise UserError(f"--resume: {path} is unreadable ({one_line(err, limit=120)}); train without --resume "
+                            f"into another --out") from None
+        return None
+    if resume:
+        return state
+    if not done.get("finished"):
+        raise UserError(f"{out} holds an unfinished training (epoch {done['epoch']} of {state['spec']['train']['epochs']}"
+                        f"): add --resume to go on from it, or use another --out")
+    return None
+
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+def _train(spec: Spec, out: Path, verbose: bool, started: float, resume: Optional[dict]) -> dict:
     device = choose_device(spec.resources.use_gpu)
     atomic_write_text(out / "spec.yaml", spec.to_yaml())
     prepared = prepare_data(spec.data, out)
@@ -48,19 +80,33 @@ def _train(spec: Spec, out: Path, verbose: bool, started: float) -> dict:
     from torch.utils.tensorboard import SummaryWriter  # deferred: TensorBoard's import costs a second
 
     writer = SummaryWriter(str(out / "tensorboard"))
+    earlier_wall = float(resume.get("wall_seconds", 0.0)) if resume else 0.0  # of the pieces before this one
+    done = resume["epoch"] if resume else 0
 
     def report(metrics: dict, checkpoint: Optional[dict]) -> None:
+        nonlocal done
         log_epoch(writer, metrics)
         if checkpoint is not None:
-            save_torch(out / "checkpoints" / "last.pt", checkpoint)
+            save_torch(out / CHECKPOINT, {**checkpoint, "wall_seconds": earlier_wall + time.time() - started})
+        done = metrics["epoch"]
         say(format_epoch(metrics, spec.train.epochs))
 
     try:
-        result = fit(spec, train, val, prepared.labels, report, device=device,
-                     progress=StepProgress() if verbose else None)
+        if resume and resume["history"][-1].get("finished"):  # stopped after its training, before the test
+            say(f"resuming: the training had finished (epoch {resume['epoch']}); testing its best epoch")
+            result = FitResult(resume["best_model"], resume["best_metrics"], resume["best_epoch"], resume["history"])
+        else:
+            if resume:
+                say(f"resuming after epoch {resume['epoch']} of {spec.train.epochs}")
+            result = fit(spec, train, val, prepared.labels, report, device=device, resume=resume,
+                         progress=StepProgress() if verbose else None)
     except TrainingDiverged as err:
         raise UserError(f"{one_line(err, limit=10_000)}: the recipe diverged; lower train.lr "
                         f"(now {spec.train.lr:g}) or set train.grad_clip, e.g. --set train.grad_clip=1.0") from None
+    except KeyboardInterrupt:
+        kept = f"epochs 1-{done} are kept in {out / CHECKPOINT}" if done else "no epoch had finished"
+        raise Interrupted(f"interrupted during epoch {done + 1}; {kept}: "
+                          f"{'resume with the same command plus --resume' if done else 'start it again'}") from None
     finally:
         writer.close()
     export_best(out / "best", spec, result.best_model, prepared.labels)  # before the test: never lost
@@ -69,7 +115,7 @@ def _train(spec: Spec, out: Path, verbose: bool, started: float) -> dict:
                                      "val": flat_metrics(result.best_metrics.get("val", {})),
                                      "train_accuracy": result.best_metrics.get("train_accuracy"),
                                      "epochs_run": len(result.history),
-                                     "wall_seconds": round(time.time() - started, 1)},
+                                     "wall_seconds": round(earlier_wall + time.time() - started, 1)},
                               report_dir=out / "report")
     say(format_test(metrics, out / "report" / "metrics.json"))
     write_history(out / "report", {"train": result.history},
