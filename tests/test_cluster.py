@@ -289,3 +289,143 @@ def test_concurrency_counts_whole_shares_of_each_gpu(monkeypatch):
     for share, expected in ((0.7, 3), (0.25, 12), (0.5, 6), (1, 3), (2, 1)):
         spec = validate_spec({"resources": {"use_gpu": True, "gpus_per_worker": share}})
         assert placement(spec) == (True, expected), share
+
+
+IDLE_TIMEOUT_MINUTES = 0.2
+
+
+@dataclass
+class Autoscaling:
+    address: str
+    head: str  # node id
+    root: Path  # RAY_TMPDIR: autoscaling.json (the autoscaler's config) and ray/session_latest/logs
+    env: dict  # what a driver joining the cluster needs (token, temp dir, dashboard)
+    process: subprocess.Popen
+
+    def nodes(self) -> dict:
+        """Every node the cluster has had so far (see tests/autoscaling_cluster.py)."""
+        self.process.stdin.write("nodes\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+
+@pytest.fixture
+def autoscaling_cluster():
+    """cluster.yaml's node types on Ray's fake multi-node provider (tests/autoscaling_cluster.py)."""
+    root = Path(tempfile.mkdtemp(prefix="fta", dir="/tmp"))  # Ray's socket paths: a short folder
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "FER_TUNE_RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_TMPDIR=str(root), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               FER_TUNE_CACHE_DIR=str(root / "node-cache"), RAY_raylet_start_wait_time_s="120")
+    settings = {"root": str(root), "cluster_yaml": str(REPO / "cluster.yaml"),
+                "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES}
+    log = open(root / "cluster.log", "w")
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "autoscaling_cluster.py"), json.dumps(settings)],
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line, (root / "cluster.log").read_text()[-3000:]
+        info = json.loads(line)
+        yield Autoscaling(info["address"], info["head"], root, {**env, "RAY_API_SERVER_ADDRESS": info["dashboard"]},
+                          process)
+    finally:
+        process.stdin.close()  # the helper stops its own processes (never `ray stop`: other Rays run here)
+        process.wait(timeout=120)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_autoscaler_adds_cluster_yaml_gpu_nodes_for_waiting_trials_and_removes_them_idle(autoscaling_cluster,
+                                                                                          tmp_path):
+    """`fer-tune run --address` on cluster.yaml's own node types, scaled by Ray's autoscaler.
+
+    The head has what cluster.yaml's has, CPU: 0 (nothing the search runs there asks for a CPU:
+    the driver is no Ray worker; trial functions, Train controllers and their report queues ask
+    for 0), and no GPU node exists at the start: two trials of one GPU each wait, the autoscaler
+    adds GPU worker nodes of cluster.yaml's types, the trials train there, and once idle for the
+    idle timeout the nodes are removed. This machine has no CUDA: the search runs as
+    `ray job submit --runtime-env-json` would run it, with a worker setup hook
+    (`autoscaling_cluster.emulate_gpus`) under which a worker that holds a GPU trains on the CPU.
+    """
+    cluster = autoscaling_cluster
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    gpu_types = {n: t for n, t in raw["available_node_types"].items() if n != raw["head_node_type"]}
+    # the autoscaler got cluster.yaml's node types, resources, limits (only the idle timeout is shorter)
+    config = json.loads((cluster.root / "autoscaling.json").read_text())
+    fake = config["available_node_types"]
+    assert set(fake) == set(gpu_types) | {"ray.head.default"}
+    assert fake["ray.head.default"]["resources"] == raw["available_node_types"][raw["head_node_type"]]["resources"]
+    for name, node_type in gpu_types.items():
+        resources = {k: v for k, v in fake[name]["resources"].items() if k != "object_store_memory"}
+        assert resources == node_type["resources"] and resources["GPU"] >= 1
+        assert (fake[name]["min_workers"], fake[name]["max_workers"]) == (node_type["min_workers"],
+                                                                         node_type["max_workers"])
+    assert (config["max_workers"], config["upscaling_speed"]) == (raw["max_workers"], raw["upscaling_speed"])
+    assert config["idle_timeout_minutes"] == IDLE_TIMEOUT_MINUTES
+    before = cluster.nodes()
+    assert list(before) == [cluster.head] and before[cluster.head]["resources"] == {}  # CPU: 0, no GPU
+
+    spec = write_spec(tmp_path / "autoscale.yaml", name="autoscale",
+                      resources={"use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 1},
+                      search={"num_samples": 2, "max_concurrent_trials": 2, "scheduler": {"type": "none"}})
+    out = tmp_path / "run"
+    # What `ray job submit --runtime-env-json '{...}' -- fer-tune run ...` hands its entrypoint
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    job = {"runtime_env": {"worker_process_setup_hook": "autoscaling_cluster.emulate_gpus",
+                           "env_vars": {"PYTHONPATH": path}}}
+    started = time.time()
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "run", str(spec), "--out", str(out),
+                                   "--address", cluster.address],
+                                  env={**cluster.env, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)},
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = driver.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            code = "timed out"
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    ended = time.time()
+    driver_log = (tmp_path / "driver.log").read_text()
+    monitor_log = cluster.root / "ray" / "session_latest" / "logs" / "monitor.log"
+    assert code == 0, driver_log[-4000:] + "\n--- monitor.log\n" + monitor_log.read_text()[-3000:]
+    assert "trials wait for nodes to join" in driver_log  # the search began with no GPU in the cluster
+
+    # 1. worker nodes of cluster.yaml's GPU types were added once the trials asked for GPUs
+    nodes = cluster.nodes()
+    workers = {node_id: n for node_id, n in nodes.items() if node_id != cluster.head}
+    assert workers and all(n["type"] in gpu_types and started < n["added"] < ended for n in workers.values()), nodes
+    # 2. every trial completed on them, each holding one of their GPUs (in Ray's accounting)
+    trials = pd.read_csv(out / "report" / "trials.csv")
+    assert len(trials) == 2 and trials["stop_reason"].tolist() == ["completed", "completed"]
+    used = {node for ranks in trials["worker_nodes"] for node in ranks.split(",")}
+    assert used and used <= set(workers), (used, nodes)
+    assert all(workers[node]["gpus_held"] >= 1 for node in used), nodes
+    last_report = {}
+    for progress in (out / "tune").glob("trial_*/progress.csv"):
+        history = pd.read_csv(progress)
+        assert history["epoch"].tolist() == [1, 2]
+        node = history["worker_nodes"].iloc[-1]
+        last_report[node] = max(last_report.get(node, 0), history["reported_at"].max())
+    assert set(last_report) == used
+    # 3. the autoscaler removes every worker node once it has been idle for the idle timeout
+    idle_s = IDLE_TIMEOUT_MINUTES * 60
+    # seconds, usually; Train's request for its workers' resources (request_resources, through
+    # Ray's AutoscalingCoordinator) keeps nodes until its controller cancels it, or 180 s at most
+    deadline = time.monotonic() + idle_s + 240
+    while any(n["removed"] is None for n in workers.values()) and time.monotonic() < deadline:
+        time.sleep(1)
+        workers = {node_id: n for node_id, n in cluster.nodes().items() if node_id != cluster.head}
+    assert all(n["removed"] is not None for n in workers.values()), workers
+    assert all(workers[node]["removed"] >= last_report[node] + idle_s - 1 for node in used), (workers, last_report)
+    events = [line.split(":event_summary:")[1] for line in monitor_log.read_text().splitlines()
+              if ":event_summary:" in line]
+    assert any(e.startswith("Adding") for e in events) and any(e.startswith("Removing") for e in events), events
+    assert all(e.endswith("(idle).") for e in events if e.startswith("Removing")), events
+    spans = ", ".join(f"{n['type']} +{n['added'] - started:.0f}..+{n['removed'] - started:.0f} s"
+                      for n in workers.values())
+    print(f"\nautoscaling search: {ended - started:.0f} s; nodes (from the search's start) {spans}; {'; '.join(events)}")
