@@ -4,6 +4,8 @@
     python benchmarks/search_efficiency.py                # quickstart space, 16 trials, 10 epochs, seeds 0 1 2
     python benchmarks/search_efficiency.py --trials 32 --epochs 20 --seeds 0 1 2 3 4
     python benchmarks/search_efficiency.py --grace 3 --random-from runs/benchmarks/p3 --work runs/benchmarks/p3_grace3
+    python benchmarks/search_efficiency.py --grace 3 --methods asha_tpe --variant startup10:search.searcher.startup_trials=10 \
+        --variant multivariate:search.searcher.multivariate=true,search.searcher.group=true   # TPE's settings, side by side
 
 On the quickstart's synthetic faces and space (`--spec`), with `train.early_stop_patience: null`,
 the same trial count (`--trials`) and epoch cap (`--epochs`), for each seed:
@@ -37,6 +39,10 @@ its epochs minus `--tolerance` (0.005). Random's own count is the epochs up to i
 Ratio = (sum over seeds of a method's epochs to target) / (sum of random's); a method that never
 reaches the target in a seed counts all the epochs it spent there, and its ratio is shown as a
 lower bound (">="). Target for ASHA + TPE: <= 0.25.
+
+Each `--variant LABEL:KEY=VALUE,...` adds one more ASHA + TPE arm with those spec values (TPE's
+`multivariate`/`group`, `constant_liar`, `startup_trials`, ASHA's `brackets`...), run on the same
+seeds beside the others, so each choice is measured against the same random search.
 """
 
 from __future__ import annotations
@@ -123,11 +129,22 @@ def outcome(timeline: pd.DataFrame, target: float) -> Outcome:
 # --- the three methods -------------------------------------------------------------------------------
 
 def ray_sets(method: str, seed: int, args) -> list[str]:
+    """The --set values of a Ray arm: random, ASHA + TPE, or ASHA + TPE with a --variant's values."""
     return [f"search.searcher.type={'random' if method == 'random' else 'optuna'}",
             f"search.searcher.seed={seed}",
             f"search.scheduler.type={'none' if method == 'random' else 'asha'}",
             f"search.scheduler.grace_period={args.grace}",
-            f"search.scheduler.reduction_factor={args.reduction_factor:g}"]
+            f"search.scheduler.reduction_factor={args.reduction_factor:g}",
+            *getattr(args, "variants", {}).get(method, [])]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`LABEL:KEY=VALUE[,KEY=VALUE...]`, e.g. `multivariate:search.searcher.multivariate=true,search.searcher.group=true`."""
+    label, _, sets = text.partition(":")
+    values = [v for v in sets.split(",") if v]
+    if not label or not values or not all("=" in v for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give LABEL:KEY=VALUE[,KEY=VALUE...]")
+    return label, values
 
 
 def run_ray(method: str, spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
@@ -237,13 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-from", type=Path, metavar="WORK",
                         help="reuse the finished random searches of an earlier --work (same spec, trials, cap and "
                              "seeds; ASHA settings and TPE's startup_trials may differ) instead of running them again")
+    parser.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="LABEL:KEY=VALUE,...",
+                        help="one more ASHA + TPE arm with these spec values, e.g. "
+                             "liar:search.searcher.constant_liar=true (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="tiny data, 3 trials, 2 epochs, one seed")
     args = parser.parse_args(argv)
+    args.variants = {f"asha_tpe:{label}": values for label, values in args.variant}
+    for method, values in args.variants.items():
+        LABELS[method] = f"ASHA + TPE, {method.split(':', 1)[1]} ({', '.join(values)})"
     extra = list(args.set)
     if args.smoke:
         args.trials, args.epochs, args.seeds, args.reduction_factor = 3, 2, args.seeds[:1], 2.0
         extra = [*SMOKE, *extra]
-    methods = [m for m in METHODS if m == "random" or m in args.methods]
+    methods = [m for m in METHODS if m == "random" or m in args.methods] + list(args.variants)
 
     print(machine_header("P3 search efficiency (benchmarks/search_efficiency.py)"))
     outcomes: dict[str, list[Outcome]] = {m: [] for m in methods}
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             timelines = {}
             for method in methods:
-                out = work / f"seed{seed}" / method
+                out = work / f"seed{seed}" / method.replace(":", "_")
                 started = time.perf_counter()
                 if method == "random" and args.random_from:
                     timelines[method] = reused_random(spec_file, seed, args.random_from, args)
@@ -296,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         if method == "random":
             continue
         ratio, text = ratio_text(outcomes, method)
-        if method == "asha_tpe":
+        if method.startswith("asha_tpe"):
             met = ("NOT met (did not reach random's best in every seed)" if text.startswith(">=")
                    else verdict(ratio, TARGET, higher_is_better=False))
-            print(f"P3 ratio ASHA+TPE / random: {text} (target <= {TARGET:.2f}: {met}){smoke}")
+            which = f" ({method.split(':', 1)[1]})" if ":" in method else ""
+            print(f"P3 ratio ASHA+TPE{which} / random: {text} (target <= {TARGET:.2f}: {met}){smoke}")
         else:
             print(f"P3 ratio Optuna (TPE + MedianPruner) / random: {text}{smoke}")
     return 0

@@ -164,3 +164,19 @@ def test_gpu_check_smoke_shares_trials_and_its_search_is_a_valid_spec():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 2 | 0.5 | 2 |" in done.stdout  # two trials at once, half a device each
     assert "sharing the GPU:" in done.stdout.strip().splitlines()[-1] and "[smoke]" in done.stdout
+
+
+def test_a_variant_is_one_more_asha_tpe_arm_with_its_own_values_and_random_search_never_gets_them():
+    import argparse
+
+    import pytest
+
+    label, values = search_efficiency.parse_variant("mv:search.searcher.multivariate=true,search.searcher.group=true")
+    assert (label, values) == ("mv", ["search.searcher.multivariate=true", "search.searcher.group=true"])
+    args = argparse.Namespace(grace=3, reduction_factor=3.0, variants={"asha_tpe:mv": values})
+    assert search_efficiency.ray_sets("asha_tpe:mv", 0, args)[-2:] == values
+    assert not set(values) & set(search_efficiency.ray_sets("random", 0, args) + search_efficiency.ray_sets(
+        "asha_tpe", 0, args))
+    for bad in ("mv", "mv:", ":search.searcher.group=true", "mv:search.searcher.group"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            search_efficiency.parse_variant(bad)
