@@ -3,6 +3,7 @@
 import json
 import os
 import math
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -326,9 +327,9 @@ def test_killed_training_process_resumes_from_its_last_checkpoint(tmp_path, trai
         # may still be uploading, and a restart would then rightly start from scratch)
         progress = list((out / "tune").glob("trial_*/progress.csv"))
         if progress and progress[0].stat().st_size and len(pd.read_csv(progress[0])) >= 1:
-            pids = subprocess.run(["pgrep", "-f", process], capture_output=True, text=True).stdout.split()
+            pids = descendants_named(run.pid, process)  # never another Ray's process on this machine
             if pids:
-                killed = int(pids[0])
+                killed = pids[0]
                 os.kill(killed, signal.SIGKILL)  # the training process dies mid-trial
     assert killed, (tmp_path / "run.log").read_text()[-3000:]
     assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-3000:]
@@ -339,6 +340,27 @@ def test_killed_training_process_resumes_from_its_last_checkpoint(tmp_path, trai
     assert history["resumed_from_epoch"].max() >= 1  # the restarted worker loaded a checkpoint
     trials = pd.read_csv(out / "report" / "trials.csv")
     assert trials["stop_reason"].tolist() == ["completed"]
+
+
+def descendants_named(root: int, name: str) -> list[int]:
+    """Processes below `root` (children, their children...) whose command line contains `name`."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            parents.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    found, todo = [], list(parents.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += parents.get(pid, [])
+        try:
+            if name in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(pid)
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def test_report_and_tensorboard_hparams_cover_every_trial(searched):
