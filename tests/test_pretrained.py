@@ -139,7 +139,11 @@ def test_a_space_is_checked_for_every_backbone_and_weights_pair_it_can_draw(tmp_
 
 
 def test_hub_offline_is_one_line_naming_the_local_alternatives(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once, when huggingface_hub is first imported (timm may have imported it already)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     spec = write_spec(tmp_path / "s.yaml", model={"backbone": "test_resnet", "pretrained": "hub"},
                       train={"epochs": 1})
     assert main(["train", str(spec), "--out", str(tmp_path / "run")]) == 2
