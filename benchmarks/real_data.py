@@ -35,7 +35,8 @@ the best epoch's train accuracy, the train - test gap, epochs, wall) and, per ar
 Finished experiments in --work are reused (an interrupted search resumes with `--resume`), so
 the benchmark runs in pieces across sessions; each piece's wall time is kept in
 --work/walls.json and the table adds them up. `--export DIR` writes each P4/P5 winner's complete
-config (data.root relative to the repository) as DIR/<experiment>.yaml.
+config (data.root relative to the repository) as DIR/<experiment>.yaml, as each search ends (with
+`--table-only`: those that have ended).
 """
 
 from __future__ import annotations
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         if not args.table_only:
             run_all(bench)
+        elif args.export:
+            export_winners(bench)
         summarize(bench)
     return 0
 
@@ -337,8 +340,8 @@ def run_all(bench: Bench) -> None:
                 bench.search(name, spec_name, sets)
                 bench.second_test(name)
                 done.add(name)
-    if bench.args.export:
-        export_winners(bench)
+                if bench.args.export:  # as each search ends: a run stopped later keeps what finished
+                    export_winners(bench)
 
 
 def export_winners(bench: Bench) -> None:
