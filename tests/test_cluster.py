@@ -7,6 +7,7 @@ nodes (placement: spread; the head has room for both, so only SPREAD puts one on
 node), and once the trial has checkpointed its first epoch, the second node is killed outright.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -55,18 +56,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    # Ray's socket paths must stay under 107 characters: a short folder, not pytest's tmp_path.
-    root = Path(tempfile.mkdtemp(prefix="ftc", dir="/tmp"))
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
+    root = short_root("ftc")
     dashboard = _free_port()  # Ray's fixed default ports may be taken by other Rays on this machine
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # RAY_TMPDIR keeps this cluster's address file out of /tmp/ray, so that no other `ray.init()`
-    # on this machine joins it by accident; RAY_API_SERVER_ADDRESS tells Ray Train which of the
-    # machine's Rays is this one.
-    env.update(RAY_TMPDIR=str(root), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",
-               RAY_raylet_start_wait_time_s="120")  # a busy machine starts a node slowly
+    # RAY_API_SERVER_ADDRESS tells Ray Train which of the machine's Rays is this one.
+    env = cluster_env(root, drop=("RAY_ADDRESS",), RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}")
     settings = {
         "head": {"num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
                  "dashboard_port": dashboard, "dashboard_agent_listen_port": _free_port(),
@@ -75,17 +68,43 @@ def two_nodes():
                  "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}},
         "worker": {"num_cpus": 1, "env_vars": {"FER_TUNE_CACHE_DIR": str(root / "cache-worker")}},
     }
+    with cluster_helper("ray_cluster.py", settings, env, root) as (info, process):
+        yield TwoNodes(info["address"], info["head"], info["worker"], env,
+                       {info["head"]: root / "cache-head", info["worker"]: root / "cache-worker"}, process)
+
+
+def short_root(prefix: str) -> Path:
+    """A cluster's temp folder: short, as Ray's socket paths must stay under 107 characters."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def cluster_env(root: Path, drop: tuple, **extra: str) -> dict:
+    """This environment without `drop`, for a cluster of its own under `root` with token authentication.
+
+    RAY_TMPDIR keeps the cluster's address file out of /tmp/ray, so that no other `ray.init()` on
+    this machine joins it by accident.
+    """
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(RAY_TMPDIR=str(root), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_raylet_start_wait_time_s="120", **extra)  # a busy machine starts a node slowly
+    return env
+
+
+@contextlib.contextmanager
+def cluster_helper(script: str, settings: dict, env: dict, root: Path):
+    """Run tests/SCRIPT (a cluster in its own process) and yield (its first JSON line, the process);
+    closing its stdin makes it stop its own processes (never `ray stop`: other Rays run here)."""
     log = open(root / "cluster.log", "w")
-    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "ray_cluster.py"), json.dumps(settings)],
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / script), json.dumps(settings)],
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = process.stdout.readline()
         assert line, (root / "cluster.log").read_text()[-3000:]
-        info = json.loads(line)
-        yield TwoNodes(info["address"], info["head"], info["worker"], env,
-                       {info["head"]: root / "cache-head", info["worker"]: root / "cache-worker"}, process)
+        yield json.loads(line), process
     finally:
-        process.stdin.close()  # the helper shuts its cluster down
+        process.stdin.close()
         process.wait(timeout=120)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -312,29 +331,14 @@ class Autoscaling:
 @pytest.fixture
 def autoscaling_cluster():
     """cluster.yaml's node types on Ray's fake multi-node provider (tests/autoscaling_cluster.py)."""
-    root = Path(tempfile.mkdtemp(prefix="fta", dir="/tmp"))  # Ray's socket paths: a short folder
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "FER_TUNE_RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_TMPDIR=str(root), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               FER_TUNE_CACHE_DIR=str(root / "node-cache"), RAY_raylet_start_wait_time_s="120")
+    root = short_root("fta")
+    env = cluster_env(root, drop=("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "FER_TUNE_RAY_API_SERVER_ADDRESS"),
+                      FER_TUNE_CACHE_DIR=str(root / "node-cache"))
     settings = {"root": str(root), "cluster_yaml": str(REPO / "cluster.yaml"),
                 "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES}
-    log = open(root / "cluster.log", "w")
-    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "autoscaling_cluster.py"), json.dumps(settings)],
-                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        line = process.stdout.readline()
-        assert line, (root / "cluster.log").read_text()[-3000:]
-        info = json.loads(line)
+    with cluster_helper("autoscaling_cluster.py", settings, env, root) as (info, process):
         yield Autoscaling(info["address"], info["head"], root, {**env, "RAY_API_SERVER_ADDRESS": info["dashboard"]},
                           process)
-    finally:
-        process.stdin.close()  # the helper stops its own processes (never `ray stop`: other Rays run here)
-        process.wait(timeout=120)
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_autoscaler_adds_cluster_yaml_gpu_nodes_for_waiting_trials_and_removes_them_idle(autoscaling_cluster,
