@@ -3,7 +3,6 @@
 import json
 import os
 import math
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -344,21 +343,15 @@ def test_killed_training_process_resumes_from_its_last_checkpoint(tmp_path, trai
 
 def descendants_named(root: int, name: str) -> list[int]:
     """Processes below `root` (children, their children...) whose command line contains `name`."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    import ray  # noqa: F401 - makes Ray's vendored psutil importable
+    import psutil
+
+    found = []
+    for proc in psutil.Process(root).children(recursive=True):
         try:
-            pid, rest = stat.read_text().split(" (", 1)
-            parents.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-    found, todo = [], list(parents.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo += parents.get(pid, [])
-        try:
-            if name in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.append(pid)
-        except OSError:
+            if name in " ".join(proc.cmdline()):
+                found.append(proc.pid)
+        except psutil.Error:  # ended meanwhile
             continue
     return sorted(found)
 
