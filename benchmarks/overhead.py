@@ -178,9 +178,14 @@ def search_of_trials(args, base: list[str], work: Path) -> None:
 
     n, epochs = args.search_trials, args.search_epochs
     rng = np.random.default_rng(0)
-    points = [{"train.lr": float(np.exp(rng.uniform(np.log(3e-4), np.log(3e-3)))),
-               "model.dropout": float(rng.uniform(0.0, 0.5)),
-               "train.weight_decay": float(np.exp(rng.uniform(np.log(1e-5), np.log(1e-2))))} for _ in range(n)]
+
+    def draw(entry: dict) -> float:
+        if "loguniform" in entry:
+            low, high = np.log(entry["loguniform"])
+            return float(np.exp(rng.uniform(low, high)))
+        return float(rng.uniform(*entry["uniform"]))
+
+    points = [{key: draw(entry) for key, entry in SEARCH_SPACE.items()} for _ in range(n)]
     common = [*base, f"train.epochs={epochs}", "search.finalists=0"]
     search_specs = {}
     for arm, overrides in SEARCH_ARMS.items():

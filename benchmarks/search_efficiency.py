@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny data, 3 trials, 2 epochs, one seed")
     args = parser.parse_args(argv)
     args.variants = {f"asha_tpe:{label}": values for label, values in args.variant}
-    for method, values in args.variants.items():
-        LABELS[method] = f"ASHA + TPE, {method.split(':', 1)[1]} ({', '.join(values)})"
+    labels = {**LABELS, **{method: f"ASHA + TPE, {method.split(':', 1)[1]} ({', '.join(values)})"
+                           for method, values in args.variants.items()}}
     extra = list(args.set)
     if args.smoke:
         args.trials, args.epochs, args.seeds, args.reduction_factor = 3, 2, args.seeds[:1], 2.0
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = ["seed", "random best val obj."]
     for method in methods:
-        header += [f"{LABELS[method]}: epochs to target", "epochs spent", "best val obj."]
+        header += [f"{labels[method]}: epochs to target", "epochs spent", "best val obj."]
     print(markdown_table(header, rows))
     print()
     smoke = " [smoke]" if args.smoke else ""
