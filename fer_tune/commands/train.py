@@ -19,6 +19,9 @@ from fer_tune.report.tensorboard import log_epoch
 from fer_tune.spec import Spec
 from fer_tune.specfile import check_same_experiment, check_spec
 
+CHECKPOINT = Path("checkpoints") / "last.pt"
+"""Where `train` keeps every epoch's state (what `--resume` goes on from), inside the experiment folder."""
+
 
 def train_experiment(spec: Spec, out: Path, verbose: bool = True, resume: bool = False) -> dict:
     """Train one config into `out`, evaluate its best epoch once on the test split, export it.
@@ -63,9 +66,6 @@ def last_checkpoint(out: Path, resume: bool) -> Optional[dict]:
         raise UserError(f"{out} holds an unfinished training (epoch {done['epoch']} of {state['spec']['train']['epochs']}"
                         f"): add --resume to go on from it, or use another --out")
     return None
-
-
-CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 def _train(spec: Spec, out: Path, verbose: bool, started: float, resume: Optional[dict]) -> dict:
