@@ -43,6 +43,10 @@ lower bound (">="). Target for ASHA + TPE: <= 0.25.
 Each `--variant LABEL:KEY=VALUE,...` adds one more ASHA + TPE arm with those spec values (TPE's
 `multivariate`/`group`, `constant_liar`, `startup_trials`, ASHA's `brackets`...), run on the same
 seeds beside the others, so each choice is measured against the same random search.
+
+With `--work`, the same command run again reuses each Ray arm's finished search there and resumes
+an interrupted one (`fer-tune run --resume`), so a measurement longer than a session goes on in
+the next; the Optuna-alone arm runs in this process and starts again.
 """
 
 from __future__ import annotations
@@ -148,10 +152,41 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def run_ray(method: str, spec_file: Path, seed: int, out: Path, args) -> pd.DataFrame:
-    shutil.rmtree(out, ignore_errors=True)
-    run_cli(["run", spec_file, "--out", out, *[a for s in ray_sets(method, seed, args) for a in ("--set", s)]],
-            out.with_suffix(".log"))
+    """The arm's search in `out`: reused if a search of the same spec finished there (a rerun of
+    the same command measures only what is missing), resumed if one was interrupted there, else
+    run afresh. A resumed trial loses the part of an epoch it was in; its reported epochs count."""
+    sets = ray_sets(method, seed, args)
+    earlier = earlier_search(out, load_spec_dump(spec_file, sets))
+    if earlier == "finished":
+        print(f"{out}: reusing the finished search there", file=sys.stderr, flush=True)
+        return ray_timeline(out)
+    if earlier is None:
+        shutil.rmtree(out, ignore_errors=True)
+    resume = ["--resume"] if earlier == "interrupted" else []
+    run_cli(["run", spec_file, "--out", out, *resume, *[a for s in sets for a in ("--set", s)]],
+            out.with_suffix(".resumed.log" if resume else ".log"))
     return ray_timeline(out)
+
+
+def load_spec_dump(spec_file: Path, sets: list[str]) -> dict:
+    from fer_tune.specfile import load_spec
+
+    return load_spec(spec_file, sets).model_dump(mode="json")
+
+
+def earlier_search(out: Path, spec: dict) -> str | None:
+    """"finished" or "interrupted" when `out` holds a search of exactly `spec`, else None."""
+    from fer_tune.errors import UserError
+    from fer_tune.specfile import read_spec
+
+    if not (out / "spec.yaml").is_file() or not (out / "tune").is_dir():
+        return None
+    try:
+        if read_spec(out / "spec.yaml").model_dump(mode="json") != spec:
+            return None
+    except UserError:
+        return None
+    return "finished" if (out / "report" / "metrics.json").is_file() else "interrupted"
 
 
 def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFrame:

@@ -6,6 +6,7 @@ not run here; see benchmarks/BENCHMARKS.md.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -180,3 +181,41 @@ def test_a_variant_is_one_more_asha_tpe_arm_with_its_own_values_and_random_searc
     for bad in ("mv", "mv:", ":search.searcher.group=true", "mv:search.searcher.group"):
         with pytest.raises(argparse.ArgumentTypeError):
             search_efficiency.parse_variant(bad)
+
+
+def test_a_rerun_of_the_same_command_reuses_finished_arms_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
+    """P3 runs longer than a session: `--work` keeps each arm's search, and the same command again
+    measures only what is missing (`fer-tune run --resume` where a search stopped half-way)."""
+    import argparse
+
+    from fer_tune.specfile import load_spec
+
+    spec_file = REPO / "search_spaces" / "quickstart.yaml"
+    args = argparse.Namespace(grace=3, reduction_factor=3.0, variants={})
+    calls = []
+
+    def fake_run_cli(command, log):
+        calls.append([str(a) for a in command])
+        out = Path(command[command.index("--out") + 1])
+        sets = [command[i + 1] for i, a in enumerate(command) if a == "--set"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.yaml").write_text(load_spec(spec_file, sets).to_yaml())
+        if not (out / "tune").is_dir():
+            write_progress(out / "tune", "aaaa", [(1, 0.25, "05.100000")])
+        (out / "report").mkdir(exist_ok=True)
+        (out / "report" / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(search_efficiency, "run_cli", fake_run_cli)
+    out = tmp_path / "seed0" / "asha_tpe"
+    search_efficiency.run_ray("asha_tpe", spec_file, 0, out, args)
+    assert len(calls) == 1 and "--resume" not in calls[0]
+
+    timeline = search_efficiency.run_ray("asha_tpe", spec_file, 0, out, args)  # finished: reused as it is
+    assert len(calls) == 1 and list(timeline["objective"]) == [0.25]
+
+    (out / "report" / "metrics.json").unlink()  # as if stopped half-way
+    search_efficiency.run_ray("asha_tpe", spec_file, 0, out, args)
+    assert len(calls) == 2 and "--resume" in calls[1]
+
+    search_efficiency.run_ray("asha_tpe", spec_file, 1, out, args)  # another search there: run afresh
+    assert len(calls) == 3 and "--resume" not in calls[2] and "search.searcher.seed=1" in calls[2]
