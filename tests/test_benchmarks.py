@@ -219,3 +219,20 @@ def test_a_rerun_of_the_same_command_reuses_finished_arms_and_resumes_an_interru
 
     search_efficiency.run_ray("asha_tpe", spec_file, 1, out, args)  # another search there: run afresh
     assert len(calls) == 3 and "--resume" not in calls[2] and "search.searcher.seed=1" in calls[2]
+
+
+def test_every_committed_benchmark_config_is_a_complete_spec_fer_tune_train_can_read():
+    """benchmarks/results/*.yaml are promised to retrain with `fer-tune train`: each one must stay a
+    valid spec as the schema grows, name its data relative to the repository, and be complete (the
+    exported best/config.yaml, not a partial one that defaults would silently fill)."""
+    import yaml
+
+    from fer_tune.specfile import read_spec
+
+    files = sorted((REPO / "benchmarks" / "results").glob("*.yaml"))
+    assert files
+    for path in files:
+        spec = read_spec(path)
+        assert str(spec.data.root).startswith("../shared/data/"), path
+        written = yaml.safe_load(path.read_text())
+        assert written == spec.model_dump(mode="json"), f"{path.name}: not the complete exported config"
