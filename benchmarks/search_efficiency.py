@@ -207,7 +207,7 @@ def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFram
     """
     from fer_tune.errors import UserError
     from fer_tune.spec import describe_differences
-    from fer_tune.specfile import load_spec, read_spec
+    from fer_tune.specfile import read_spec
 
     folder = source / f"seed{seed}" / "random"
     if not (folder / "report" / "metrics.json").is_file():
@@ -216,7 +216,7 @@ def reused_random(spec_file: Path, seed: int, source: Path, args) -> pd.DataFram
         before = read_spec(folder / "spec.yaml").model_dump(mode="json")
     except UserError as err:
         raise SystemExit(f"--random-from: {err}") from None
-    now = load_spec(spec_file, ray_sets("random", seed, args)).model_dump(mode="json")
+    now = load_spec_dump(spec_file, ray_sets("random", seed, args))
     for spec in (before, now):
         spec["search"]["scheduler"] = spec["search"]["searcher"]["startup_trials"] = None
     differences = describe_differences(before, now, "it ran", "this run has")
