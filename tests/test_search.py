@@ -56,12 +56,24 @@ def test_tpe_models_after_its_startup_trials_and_a_search_too_short_for_it_is_to
         return [t.params["x"] for t in study.trials]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    default, early = draws(seed=3), draws(seed=3, startup_trials=3)
-    assert "TPE draws its first 10 trials at random, so this search's 8 are all random draws" in capsys.readouterr().out
-    assert early[:3] == default[:3]  # the same seeded random start
-    assert early[3:] != default[3:]  # then TPE, where the default is still drawing at random
+    default, late = draws(seed=3), draws(seed=3, startup_trials=8)
+    assert "TPE draws its first 8 trials at random, so this search's 8 are all random draws" in capsys.readouterr().out
+    assert late[:2] == default[:2]  # the same seeded random start
+    assert late[2:] != default[2:]  # then TPE after a quarter of the 8 trials, where 8 still draws at random
     draws(seed=3, startup_trials=7), draws(type="random"), draws(space=False)  # nothing to sample: nothing to say
     assert "TPE draws" not in capsys.readouterr().out
+
+
+def test_tpe_starts_with_a_quarter_of_the_search_at_random_between_2_and_optunas_own_10():
+    import inspect
+
+    import optuna
+
+    from fer_tune.spec import DEFAULT_MAX_STARTUP, SearcherSpec
+
+    assert DEFAULT_MAX_STARTUP == inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
+    assert [SearcherSpec().startup(n) for n in (1, 8, 16, 24, 40, 200)] == [2, 2, 4, 6, 10, 10]
+    assert SearcherSpec(startup_trials=12).startup(16) == 12
 
 
 def test_one_worker_trials_train_in_their_tune_process_only_on_a_ray_fer_tune_starts(tmp_path):
@@ -109,12 +121,13 @@ SEARCH_SPACE = {
 def searched(tmp_path_factory):
     """One tiny search shared by the checks below (Ray start-up is the expensive part).
 
-    With TPE seed 2 the four trials are three AdamW ones (both backbones) and one diverging SGD one.
+    With TPE seed 2 and all four trials drawn at random (its start-up), they are three AdamW ones
+    (both backbones) and one diverging SGD one.
     """
     tmp = tmp_path_factory.mktemp("search")
     spec = write_spec(tmp / "search.yaml", space=SEARCH_SPACE,
                       train={"epochs": 3, "batch_size": 32, "warmup_epochs": 0},
-                      search={"num_samples": 4, "finalists": 2, "searcher": {"type": "optuna", "seed": 2},
+                      search={"num_samples": 4, "finalists": 2, "searcher": {"type": "optuna", "seed": 2, "startup_trials": 4},
                               "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}})
     out = tmp / "run"
     assert main(["run", str(spec), "--out", str(out)]) == 0

@@ -6,7 +6,6 @@ Kept free of Ray and of the training stack: the trial actors import it (through
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -61,15 +60,15 @@ def trial_spec(spec: Spec, config: dict) -> Spec:
 
 
 def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler `search.searcher` names; says so when TPE would never get past its random start."""
+    """The Optuna sampler `search.searcher` names. Says so when the start-up trials the user set
+    leave TPE nothing to choose; the default, a quarter of the search, never does past 2 trials."""
     import optuna
 
     search, searcher = spec.search, spec.search.searcher
     if searcher.type == "random":
         return optuna.samplers.RandomSampler(seed=searcher.seed)
-    startup = searcher.startup_trials or inspect.signature(optuna.samplers.TPESampler).parameters[
-        "n_startup_trials"].default
-    if spec.space and search.num_samples <= startup:
+    startup = searcher.startup(search.num_samples)
+    if spec.space and searcher.startup_trials and search.num_samples <= startup:
         print(f"note: TPE draws its first {startup} trials at random, so this search's {search.num_samples} "
               f"are all random draws; search.searcher.startup_trials below {search.num_samples} lets TPE "
               f"choose the rest")
