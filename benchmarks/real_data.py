@@ -169,6 +169,18 @@ def wall_of(work: Path, name: str) -> str:
     return f"{total / 60:.0f} min" + (f" ({len(pieces)} pieces)" if len(pieces) > 1 else "")
 
 
+def provenance(work: Path, name: str) -> str:
+    """When and at which fer-tune revisions an experiment ran, over all its pieces: what a winner
+    exported later must name, not the revision that happens to export it."""
+    pieces = sorted(read_walls(work).get(name, []), key=lambda p: p["started"])
+    if not pieces:
+        return "run before its pieces were recorded"
+    days = sorted({datetime.datetime.fromtimestamp(p["started"], datetime.timezone.utc).date().isoformat()
+                   for p in pieces})
+    revisions = list(dict.fromkeys(p["revision"] for p in pieces))
+    return f"{' to '.join([days[0], days[-1]] if len(days) > 1 else days)}, fer-tune {', '.join(revisions)}"
+
+
 # --- reading results ---------------------------------------------------------------------------
 
 def metrics_of(folder: Path) -> dict:
@@ -357,7 +369,7 @@ def export_winners(bench: Bench) -> None:
             if root:
                 config["data"]["root"] = os.path.relpath(root, REPO)
             header = (f"# {name}: the winner of benchmarks/real_data.py's {arm} arm "
-                      f"({datetime.date.today().isoformat()}, fer-tune {git_revision()}).\n"
+                      f"(searched {provenance(bench.work, name)}).\n"
                       f"# Retrain: fer-tune train benchmarks/results/{name}.yaml (paths relative to the repository)\n")
             (bench.args.export / f"{name}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
             print(f"exported {bench.args.export / f'{name}.yaml'}", file=sys.stderr)

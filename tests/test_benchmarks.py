@@ -119,6 +119,28 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
     assert "P4 [scratch] winner - better recipe: not measured yet (missing: regularization)" in printed
 
 
+def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_exporting_one(tmp_path):
+    import argparse
+    import json
+
+    import real_data
+    import yaml
+
+    fake_experiment(tmp_path, "pretrained", "mobilenetv2_100", 60, 0.65, 0.55, 120, pretrained="imagenet")
+    day = 1_764_633_600  # 2025-12-02 00:00 UTC
+    (tmp_path / "walls.json").write_text(json.dumps({"pretrained": [
+        {"started": day + 3600, "seconds": 60.0, "revision": "aaaaaaa"},
+        {"started": day + 90_000, "seconds": None, "revision": "bbbbbbb"},
+        {"started": day + 95_000, "seconds": 60.0, "revision": "aaaaaaa"}]}))
+    bench = real_data.Bench(argparse.Namespace(cpus_per_trial=2, arms=["imagenet"], export=tmp_path / "results"),
+                            tmp_path, [], {b: b for b in real_data.SMOKE_NAMES})
+    real_data.export_winners(bench)
+    exported = (tmp_path / "results" / "pretrained.yaml").read_text()
+    assert exported.startswith("# pretrained: the winner of benchmarks/real_data.py's imagenet arm (searched "
+                               "2025-12-02 to 2025-12-03, fer-tune aaaaaaa, bbbbbbb).")
+    assert yaml.safe_load(exported)["model"]["backbone"] == "mobilenetv2_100"
+
+
 def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_same_search(tmp_path):
     """`--random-from`: random search ignores ASHA's settings and TPE's start, so they alone may differ."""
     import argparse
