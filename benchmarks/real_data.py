@@ -174,10 +174,10 @@ def provenance(work: Path, name: str) -> str:
     exported later must name, not the revision that happens to export it."""
     pieces = sorted(read_walls(work).get(name, []), key=lambda p: p["started"])
     if not pieces:
-        return "run before its pieces were recorded"
-    days = sorted({datetime.datetime.fromtimestamp(p["started"], datetime.timezone.utc).date().isoformat()
-                   for p in pieces})
-    revisions = list(dict.fromkeys(p["revision"] for p in pieces))
+        return "at a time and revision walls.json did not record"
+    moments = [t for p in pieces for t in (p["started"], p["started"] + (p.get("seconds") or 0))]
+    days = sorted({datetime.datetime.fromtimestamp(t, datetime.timezone.utc).date().isoformat() for t in moments})
+    revisions = list(dict.fromkeys(p.get("revision", "unrecorded") for p in pieces))
     return f"{' to '.join([days[0], days[-1]] if len(days) > 1 else days)}, fer-tune {', '.join(revisions)}"
 
 

@@ -230,19 +230,24 @@ class SearcherSpec(Strict):
     type: Literal["optuna", "random"] = "optuna"
     seed: int = 0
     startup_trials: Optional[int] = Field(
-        None, ge=1, description="trials TPE draws at random before it models the rest; default a quarter of "
-                                "num_samples, 2 to 10 (P3 round 3: 4 of 16 reached random search's best in 3 of "
-                                "3 seeds, Optuna's 10 of 16 in 1)")
+        None, ge=1, description="trials TPE runs before it models the rest, the known recipes it starts from "
+                                "included; default those recipes and a quarter of the other trials (2 to 10) as "
+                                "random draws (P3 round 3: 4 random of 16 reached random search's best in 3 of 3 "
+                                "seeds, Optuna's 10 of 16 in 1)")
     multivariate: bool = Field(False, description="TPE models the parameters jointly (Optuna's multivariate TPE)")
     group: bool = Field(False, description="with multivariate: one joint model per set of parameters sampled "
                                            "together (conditional spaces)")
     constant_liar: bool = Field(False, description="TPE treats running trials as bad, so trials started at once "
                                                    "do not all draw near the same point")
 
-    def startup(self, num_samples: int) -> int:
-        """TPE's random start-up trials: as given, else a quarter of the search, at least 2 and at
-        most Optuna's own default of 10, so a short search still gets most of its trials chosen."""
-        return self.startup_trials or min(DEFAULT_MAX_STARTUP, max(2, num_samples // 4))
+    def startup(self, num_samples: int, known_recipes: int = 0) -> int:
+        """TPE's start-up trials: as given, else the known recipes the search runs first (Optuna
+        counts them like any finished trial) and a quarter of the trials left, at least 2 and at
+        most Optuna's own default of 10, as random draws: a short search still gets most of its
+        trials chosen, and never spends its random start on the recipes alone."""
+        if self.startup_trials:
+            return self.startup_trials
+        return known_recipes + min(DEFAULT_MAX_STARTUP, max(2, (num_samples - known_recipes) // 4))
 
     @model_validator(mode="after")
     def _group_is_multivariate(self) -> "SearcherSpec":

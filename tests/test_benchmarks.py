@@ -139,6 +139,10 @@ def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_export
     assert exported.startswith("# pretrained: the winner of benchmarks/real_data.py's imagenet arm (searched "
                                "2025-12-02 to 2025-12-03, fer-tune aaaaaaa, bbbbbbb).")
     assert yaml.safe_load(exported)["model"]["backbone"] == "mobilenetv2_100"
+    # one piece that ran past midnight names both days
+    (tmp_path / "walls.json").write_text(json.dumps({"pretrained": [
+        {"started": day + 80_000, "seconds": 10_000.0, "revision": "ccccccc"}]}))
+    assert real_data.provenance(tmp_path, "pretrained") == "2025-12-02 to 2025-12-03, fer-tune ccccccc"
 
 
 def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_same_search(tmp_path):

@@ -47,7 +47,8 @@ def test_tpe_models_after_its_startup_trials_and_a_search_too_short_for_it_is_to
     from fer_tune.search.space import make_sampler
 
     def draws(space=True, **searcher) -> list[float]:
-        spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 8, "searcher": searcher},
+        spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 8, "searcher": searcher,
+                                                                 "start_from_spec": False},
                                     space={"model.dropout": {"uniform": [0.0, 0.5]}} if space else {}))
         study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
         for _ in range(6):
@@ -73,7 +74,33 @@ def test_tpe_starts_with_a_quarter_of_the_search_at_random_between_2_and_optunas
 
     assert DEFAULT_MAX_STARTUP == inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
     assert [SearcherSpec().startup(n) for n in (1, 8, 16, 24, 40, 200)] == [2, 2, 4, 6, 10, 10]
-    assert SearcherSpec(startup_trials=12).startup(16) == 12
+    # the recipes a search starts from are trials to Optuna: the random draws come on top of them
+    assert [SearcherSpec().startup(n, known_recipes=k) for n, k in ((8, 1), (16, 1), (16, 3), (200, 2))] == [
+        3, 4, 6, 12]
+    assert SearcherSpec(startup_trials=12).startup(16, known_recipes=1) == 12
+
+
+def test_the_default_start_up_counts_the_recipes_the_search_starts_from(tmp_path):
+    from fer_tune.search.space import make_sampler
+
+    def startup(**search) -> int:
+        space = {"model.dropout": {"uniform": [0.0, 0.5]}}
+        return make_sampler(load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 16, **search},
+                                                 space=space)))._n_startup_trials
+
+    assert startup(start_from_spec=False) == 4
+    assert startup() == 1 + 3  # the spec's own recipe, then a quarter of the 15 other trials at random
+    assert startup(points=[{"model.dropout": 0.3}, {"model.dropout": 0.4}]) == 3 + 3
+
+
+def test_a_new_search_says_how_many_trials_tpe_chooses(tmp_path, capsys):
+    from fer_tune.search.run import make_searcher
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 16},
+                                space={"model.dropout": {"uniform": [0.0, 0.5]}}))
+    make_searcher(spec, tmp_path)
+    assert "searcher: TPE chooses trials 5-16 after 4 start-up trials (1 known recipe(s), 3 random draws)" in (
+        capsys.readouterr().out)
 
 
 def test_one_worker_trials_train_in_their_tune_process_only_on_a_ray_fer_tune_starts(tmp_path):
@@ -121,8 +148,8 @@ SEARCH_SPACE = {
 def searched(tmp_path_factory):
     """One tiny search shared by the checks below (Ray start-up is the expensive part).
 
-    With TPE seed 2 and all four trials drawn at random (its start-up), they are three AdamW ones
-    (both backbones) and one diverging SGD one.
+    With TPE seed 2 and all four trials in its start-up (the spec's recipe, then three random
+    draws), they are three AdamW ones (both backbones) and one diverging SGD one.
     """
     tmp = tmp_path_factory.mktemp("search")
     spec = write_spec(tmp / "search.yaml", space=SEARCH_SPACE,

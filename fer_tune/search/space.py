@@ -61,13 +61,14 @@ def trial_spec(spec: Spec, config: dict) -> Spec:
 
 def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler `search.searcher` names. Says so when the start-up trials the user set
-    leave TPE nothing to choose; the default, a quarter of the search, never does past 2 trials."""
+    leave TPE nothing to choose; the default (`SearcherSpec.startup`) leaves it most of a search
+    longer than the known recipes and 2 random draws."""
     import optuna
 
     search, searcher = spec.search, spec.search.searcher
     if searcher.type == "random":
         return optuna.samplers.RandomSampler(seed=searcher.seed)
-    startup = searcher.startup(search.num_samples)
+    startup = searcher.startup(search.num_samples, len(known_recipes(spec)))
     if spec.space and searcher.startup_trials and search.num_samples <= startup:
         print(f"note: TPE draws its first {startup} trials at random, so this search's {search.num_samples} "
               f"are all random draws; search.searcher.startup_trials below {search.num_samples} lets TPE "
