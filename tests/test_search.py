@@ -154,7 +154,8 @@ def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     spec = write_spec(tmp / "search.yaml", space=SEARCH_SPACE,
                       train={"epochs": 3, "batch_size": 32, "warmup_epochs": 0},
-                      search={"num_samples": 4, "finalists": 2, "searcher": {"type": "optuna", "seed": 2, "startup_trials": 4},
+                      search={"num_samples": 4, "finalists": 2,
+                              "searcher": {"type": "optuna", "seed": 2, "startup_trials": 4},
                               "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}})
     out = tmp / "run"
     assert main(["run", str(spec), "--out", str(out)]) == 0

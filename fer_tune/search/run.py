@@ -208,12 +208,7 @@ def make_searcher(spec: Spec, out: Path) -> "StudySearch":
         print(f"note: the search does not start from your spec's own values: {problem.split(': ', 1)[1]}")
     if begun and recipes:
         print(f"note: {out / 'optuna.db'} already holds trials of {spec.name}: its known recipes are not queued again")
-    searcher, samples = spec.search.searcher, spec.search.num_samples
-    startup = searcher.startup(samples, len(recipes))
-    if spec.space and searcher.type == "optuna" and startup < samples:
-        print(f"searcher: TPE chooses trials {startup + 1}-{samples} after {startup} start-up trials "
-              f"({len(recipes)} known recipe(s), {max(0, startup - len(recipes))} random draws)")
-    return StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=make_sampler(spec),
+    return StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=make_sampler(spec, len(recipes)),
                        study_name=spec.name, storage=storage,
                        points_to_evaluate=[params for _, params in recipes] if recipes and not begun else None)
 

@@ -59,17 +59,22 @@ def trial_spec(spec: Spec, config: dict) -> Spec:
     return spec.with_values({spec_path(k): v for k, v in config.items()})
 
 
-def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler `search.searcher` names. Says so when the start-up trials the user set
-    leave TPE nothing to choose; the default (`SearcherSpec.startup`) leaves it most of a search
-    longer than the known recipes and 2 random draws."""
+def make_sampler(spec: Spec, recipes: int | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler `search.searcher` names, for a search that runs `recipes` known recipes
+    first (default: as many as `known_recipes` finds). Says how many trials TPE chooses, or, when
+    the start-up trials the user set leave it none, that the search is a random one; the default
+    (`SearcherSpec.startup`) leaves it most of a search longer than the recipes and 2 random draws."""
     import optuna
 
     search, searcher = spec.search, spec.search.searcher
     if searcher.type == "random":
         return optuna.samplers.RandomSampler(seed=searcher.seed)
-    startup = searcher.startup(search.num_samples, len(known_recipes(spec)))
-    if spec.space and searcher.startup_trials and search.num_samples <= startup:
+    recipes = len(known_recipes(spec)) if recipes is None else recipes
+    startup = searcher.startup(search.num_samples, recipes)
+    if spec.space and startup < search.num_samples:
+        print(f"searcher: TPE chooses trials {startup + 1}-{search.num_samples} after {startup} start-up trials "
+              f"({recipes} known recipe(s), {max(0, startup - recipes)} random draws)")
+    elif spec.space and searcher.startup_trials:
         print(f"note: TPE draws its first {startup} trials at random, so this search's {search.num_samples} "
               f"are all random draws; search.searcher.startup_trials below {search.num_samples} lets TPE "
               f"choose the rest")
