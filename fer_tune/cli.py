@@ -2,7 +2,8 @@
 
 Every `UserError` becomes one line on stderr and exit status 2; nothing the user typed wrong
 ever shows a traceback. Each command's module is imported when that command runs: `fer-tune
-report` never pays for importing Ray, nor `fer-tune predict` for the search.
+report` never pays for importing Ray, nor `fer-tune predict` for the search. A spec file or model
+path is checked before that import, so a typo answers at once, not after seconds of torch and Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fer_tune.errors import Interrupted, UserError
+from fer_tune.layout import check_model_exists
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,29 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    from fer_tune.search.run import run_search
     from fer_tune.specfile import load_spec
 
     storage = [f"search.storage={args.storage}"] if args.storage is not None else []
-    spec = load_spec(args.spec, [*args.set, *storage])
+    spec = load_spec(args.spec, [*args.set, *storage])  # before Ray and torch load: a typo answers at once
+    from fer_tune.search.run import run_search
+
     run_search(spec, args.out or Path("runs") / spec.name, resume=args.resume, address=args.address)
 
 
 def _train(args) -> None:
-    from fer_tune.commands.train import train_experiment
     from fer_tune.specfile import load_spec
 
-    spec = load_spec(args.spec, args.set)
+    spec = load_spec(args.spec, args.set)  # before torch loads: a typo answers at once
+    from fer_tune.commands.train import train_experiment
+
     train_experiment(spec, args.out or Path("runs") / spec.name, resume=args.resume)
 
 
 def _distill(args) -> None:
+    check_model_exists(args.teacher)
     from fer_tune.commands.distill import distill
 
     distill(args.teacher, args.spec, args.set, args.out, resume=args.resume, address=args.address)
 
 
 def _evaluate(args) -> None:
+    check_model_exists(args.model)
     from fer_tune.commands.evaluate import evaluate_model
 
     evaluate_model(args.model, args.set, args.out)
@@ -195,6 +201,7 @@ def _faces(args) -> None:
 
 
 def _predict(args) -> None:
+    check_model_exists(args.model)
     from fer_tune.commands.predict import run_predict
     from fer_tune.data.images import is_video
 
@@ -220,6 +227,7 @@ def _weights(args) -> None:
 
 
 def _export(args) -> None:
+    check_model_exists(args.model)
     from fer_tune.commands.export import export_model, parse_formats
 
     for path, diff in export_model(args.model, parse_formats(args.format)):

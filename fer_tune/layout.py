@@ -23,12 +23,19 @@ DATA_FILE = "data.json"  # under splits/: tasks, labels and sizes of the prepare
 REPORT_DIR = "report"
 
 
-def find_model(path: Path) -> tuple[Path, Path]:
-    """(config.yaml, model.pt) of an experiment folder, its best/ folder, or a model file."""
+def check_model_exists(path: Path) -> Path:
+    """`path` itself, if it exists. The commands check it before torch loads, so a mistyped path
+    answers in a fraction of a second instead of after seconds of imports."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: does not exist; give an experiment folder, its best/ folder or "
                         f"a model.pt from `fer-tune train` or `fer-tune run`")
+    return path
+
+
+def find_model(path: Path) -> tuple[Path, Path]:
+    """(config.yaml, model.pt) of an experiment folder, its best/ folder, or a model file."""
+    path = check_model_exists(path)
     for folder in ([path / BEST_DIR, path] if path.is_dir() else [path.parent]):
         if (folder / CONFIG_FILE).is_file() and (folder / MODEL_FILE).is_file():
             return folder / CONFIG_FILE, folder / MODEL_FILE

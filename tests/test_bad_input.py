@@ -566,5 +566,22 @@ def test_bad_input_in_a_real_process(name, tmp_path):
     check(result.returncode, result.stdout, result.stderr, fragments, tmp_path)
 
 
+@pytest.mark.parametrize("command", [
+    ["train", "missing.yaml"], ["run", "missing.yaml"], ["train", "{spec}", "--set", "train.epochs=-1"],
+    ["evaluate", "missing"], ["predict", "missing", "face.jpg"], ["export", "missing"],
+    ["distill", "missing", "{spec}"]])
+def test_a_mistyped_spec_or_model_is_answered_before_torch_or_ray_load(command, tmp_path):
+    """The one-line answer to a typo comes from the spec or the path alone: seconds of importing
+    torch, timm and Ray would come first otherwise."""
+    spec = write_spec(tmp_path / "s.yaml")
+    argv = [a.format(spec=spec) for a in command]
+    probe = ("import sys; from fer_tune.cli import main; code = main(sys.argv[1:]); "
+             "print(code, sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["2", "[]"], (result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and "fer-tune: error:" in result.stderr
+
+
 def test_catalogue_is_complete():
     assert len(CASES) >= 25
