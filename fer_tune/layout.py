@@ -3,6 +3,7 @@
     DIR/spec.yaml               the resolved spec          DIR/splits/{train,val,test}.csv, data.json
     DIR/best/config.yaml        the winner, re-runnable    DIR/best/model.pt (.ts, .onnx)
     DIR/report/                 metrics.json, report.md    DIR/tune/, DIR/optuna.db (searches)
+    DIR/wall.json               a search's wall time, piece by piece (each --resume is one)
 
 Every command that takes "a trained model" accepts the experiment folder, its best/ folder or
 the model file itself; `find_model` is the one place that turns such a path into its files.
@@ -21,6 +22,7 @@ BEST_DIR = "best"
 SPLITS_DIR = "splits"
 DATA_FILE = "data.json"  # under splits/: tasks, labels and sizes of the prepared data
 REPORT_DIR = "report"
+WALL_FILE = "wall.json"  # a search's pieces (the first run and each --resume): when each began, how long it ran
 
 
 def check_model_exists(path: Path) -> Path:

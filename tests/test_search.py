@@ -341,6 +341,29 @@ def test_interrupted_and_killed_driver_resume_and_keep_finished_trials(tmp_path)
     assert [t.params.get("model.dropout") for t in study.trials].count(0.1) == 1, states
     assert trials["recipe"].astype(object).fillna("").tolist().count("your spec") == 1
     assert trials.loc[trials["recipe"] == "your spec", "model.dropout"].tolist() == [0.1]
+    # the report's wall time is that of the Ctrl-C'd piece and the last one (a SIGKILL records nothing)
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    pieces = json.loads((out / "wall.json").read_text())["pieces"]
+    assert metrics["wall_pieces"] == len(pieces) == 2
+    assert metrics["wall_seconds"] == pytest.approx(sum(p["seconds"] for p in pieces), abs=30)
+    assert "over 2 pieces (resumed 1 time)" in (out / "report" / "report.md").read_text()
+
+
+def test_each_piece_of_a_search_adds_its_wall_time_and_a_new_search_starts_the_count_again(tmp_path):
+    import time
+
+    from fer_tune.search.run import earlier_pieces, record_piece
+
+    assert earlier_pieces(tmp_path) == []
+    record_piece(tmp_path, earlier_pieces(tmp_path), time.time() - 60)  # the first piece, before tune/ existed
+    (tmp_path / "tune").mkdir()
+    record_piece(tmp_path, earlier_pieces(tmp_path), time.time() - 30)  # a --resume
+    assert [round(p["seconds"]) for p in earlier_pieces(tmp_path)] == [60, 30]
+    (tmp_path / "tune").rmdir()  # its search gone, a new one in the same folder counts from 0
+    assert earlier_pieces(tmp_path) == []
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "wall.json").write_text("{not json")
+    assert earlier_pieces(tmp_path) == []  # an unreadable record costs the report its history, not the search
 
 
 @pytest.mark.parametrize("trainer, process", [("torch_trainer", "ray::RayTrainWorker"),

@@ -158,10 +158,22 @@ def how_found(exp: Experiment) -> list[str]:
     objective = best["best_objective"].iloc[0] if len(best) else math.nan
     return [f"- Search: {len(exp.trials)} trials ({described}); searcher {spec.search.searcher.type} "
             f"(seed {spec.search.searcher.seed}), {scheduler}.",
-            f"- Spent {int(exp.trials['epochs'].sum())} epochs in total (at most "
-            f"{len(exp.trials) * spec.train.epochs} without early stopping); wall time {wall}.",
+            f"- Spent {int(exp.trials['epochs'].sum())} epochs on the trials (at most "
+            f"{len(exp.trials) * spec.train.epochs} without early stopping){final_phase_text(m)}; "
+            f"wall time {wall}{pieces_text(m)}.",
             f"- Best trial `{m.get('best_trial')}`: val objective {objective:.4f} at epoch {m.get('best_epoch')} "
             f"(objective: {objective_text(spec)})."] + known_recipe_lines(exp)
+
+
+def final_phase_text(m: dict) -> str:
+    if not m.get("final_runs") or "final_epochs" not in m:
+        return ""
+    return f" and {m['final_epochs']} in the final phase's {m['final_runs']} run(s)"
+
+
+def pieces_text(m: dict) -> str:
+    pieces = m.get("wall_pieces", 1)
+    return f" over {pieces} pieces (resumed {pieces - 1} time{'s' if pieces > 2 else ''})" if pieces > 1 else ""
 
 
 def known_recipe_lines(exp: Experiment) -> list[str]:

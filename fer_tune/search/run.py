@@ -17,11 +17,13 @@ Flow (top to bottom in `run_search`):
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +38,7 @@ from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import compare_on_test, evaluate_on_test, format_test
 from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_json, atomic_write_text, check_writable, folder_lock
+from fer_tune.layout import WALL_FILE
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
@@ -65,10 +68,38 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     check_writable(out)
     with folder_lock(out):  # held until the search, its final phase and its report are done
         check_same_experiment(spec, out, resume)  # again: another command may have finished meanwhile
-        return _search(spec, out, resume, address, verbose, started)
+        earlier = earlier_pieces(out)
+        try:
+            return _search(spec, out, resume, address, verbose, started, earlier)
+        finally:
+            record_piece(out, earlier, started)
 
 
-def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose: int, started: float) -> dict:
+def earlier_pieces(out: Path) -> list[dict]:
+    """The pieces this search already ran (DIR/wall.json), so that a resumed search's report gives
+    the wall time of all of them. Only while DIR/tune/ holds the search they belong to."""
+    path = out / WALL_FILE
+    if not (out / "tune").is_dir() or not path.is_file():
+        return []
+    try:
+        pieces = json.loads(path.read_text())["pieces"]
+        return [p for p in pieces if isinstance(p.get("seconds"), (int, float))]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []  # an unreadable record costs the report its earlier pieces, never the search
+
+
+def record_piece(out: Path, earlier: list[dict], started: float) -> None:
+    """Add this piece, however it ended (finished, Ctrl-C, an error); a killed driver's is lost."""
+    piece = {"started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+             "seconds": round(time.time() - started, 1)}
+    try:
+        atomic_write_json(out / WALL_FILE, {"pieces": [*earlier, piece]})
+    except OSError:
+        pass  # in a `finally`: a full disk must not hide why the search stopped
+
+
+def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose: int, started: float,
+            earlier: list[dict]) -> dict:
     import ray
     from ray import tune
 
@@ -135,7 +166,8 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     runs = finalists.plan(spec, trials, configs)
     final = run_final(spec, out, runs, trainable, holds, retries, concurrency, reuse, verbose)
     selection = finalists.select(spec, trials, runs, final_outcomes(spec, final, len(runs)) if final else [])
-    return finish(spec, out, trials, results, final, runs, selection, prepared, time.time() - started)
+    wall = sum(p["seconds"] for p in earlier) + time.time() - started
+    return finish(spec, out, trials, results, final, runs, selection, prepared, wall, pieces=len(earlier) + 1)
 
 
 def make_scheduler(spec: Spec):
@@ -272,7 +304,8 @@ def ctrl_c_stops_gracefully():
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_setting
 
 
-def finish(spec: Spec, out: Path, trials, results, final, runs: list, selection, prepared, wall: float) -> dict:
+def finish(spec: Spec, out: Path, trials, results, final, runs: list, selection, prepared, wall: float,
+           pieces: int = 1) -> dict:
     """Test the winner once (and your recipe beside it), export best/, write the report's files."""
     winner = selection.winner
     state = read_checkpoint(winner.checkpoint)
@@ -291,8 +324,9 @@ def finish(spec: Spec, out: Path, trials, results, final, runs: list, selection,
         "train_accuracy": state["best_metrics"].get("train_accuracy"),
         "trials": int(len(trials)), "trial_outcomes": {str(k): int(v) for k, v in counts.items()},
         "finalists": [{k: v for k, v in f.items() if k != "outcomes"} for f in selection.finalists],
-        "final_runs": len(runs), "epochs_spent": int(trials["epochs"].sum()) + final_epochs,
-        "wall_seconds": round(wall, 1)})
+        "final_runs": len(runs), "final_epochs": int(final_epochs),
+        "epochs_spent": int(trials["epochs"].sum()) + final_epochs,
+        "wall_seconds": round(wall, 1), "wall_pieces": pieces})
     metrics["comparison"] = compare_with_your_recipe(selection, best_spec, state, prepared, device, out)
     atomic_write_json(out / "report" / "metrics.json", metrics)
     print(f"best trial {winner.trial_id}: {METRIC} {winner.objective:.4f} at epoch {int(state['best_epoch'])}"
