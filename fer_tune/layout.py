@@ -4,6 +4,7 @@
     DIR/best/config.yaml        the winner, re-runnable    DIR/best/model.pt (.ts, .onnx)
     DIR/report/                 metrics.json, report.md    DIR/tune/, DIR/optuna.db (searches)
     DIR/wall.json               a search's wall time, piece by piece (each --resume is one)
+    DIR/asha.json               a search's ASHA rungs, kept for --resume
 
 Every command that takes "a trained model" accepts the experiment folder, its best/ folder or
 the model file itself; `find_model` is the one place that turns such a path into its files.
@@ -23,6 +24,7 @@ SPLITS_DIR = "splits"
 DATA_FILE = "data.json"  # under splits/: tasks, labels and sizes of the prepared data
 REPORT_DIR = "report"
 WALL_FILE = "wall.json"  # a search's pieces (the first run and each --resume): when each began, how long it ran
+ASHA_FILE = "asha.json"  # a search's ASHA rungs, so that a --resume judges trials against every earlier result
 
 
 def check_model_exists(path: Path) -> Path:

@@ -125,13 +125,69 @@ def test_asha_brackets_let_later_ones_compare_trials_later(tmp_path):
     def first_rungs(**scheduler) -> list[int]:
         spec = load_spec(write_spec(tmp_path / "s.yaml", train={"epochs": 20},
                                     search={"scheduler": {"grace_period": 2, **scheduler}}))
-        return [int(bracket._rungs[-1][0]) for bracket in make_scheduler(spec)._brackets]
+        return [int(bracket._rungs[-1][0]) for bracket in make_scheduler(spec, tmp_path)._brackets]
 
     assert first_rungs() == [2]
     assert first_rungs(brackets=3) == [2, 6, 18]  # grace x 3^k, within the 20-epoch cap
     assert first_rungs(brackets=2, reduction_factor=2) == [2, 4]
     none = load_spec(write_spec(tmp_path / "n.yaml", search={"scheduler": {"type": "none"}}))
-    assert isinstance(make_scheduler(none), FIFOScheduler)
+    assert isinstance(make_scheduler(none, tmp_path), FIFOScheduler)
+
+
+def test_a_resumed_search_keeps_ashas_rungs_and_stops_a_trial_that_is_below_them(tmp_path):
+    """Tune brings a resumed search's scheduler back from tune/tuner.pkl, pickled when the search
+    began (with empty rungs); ASHA's rungs must come back as they were when the search stopped.
+    Tune's own restore runs here (no Ray cluster is needed to create and restore a Tuner)."""
+    from types import SimpleNamespace
+
+    from ray import tune
+    from ray.tune.schedulers import TrialScheduler
+
+    from fer_tune.search.run import make_scheduler
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", train={"epochs": 9},
+                                search={"scheduler": {"grace_period": 1, "reduction_factor": 3, "brackets": 2}}))
+
+    def begin():
+        scheduler = make_scheduler(spec, tmp_path)
+        tune.Tuner(lambda config: None, tune_config=tune.TuneConfig(metric="best_objective", mode="max",
+                                                                    scheduler=scheduler, num_samples=5),
+                   run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path)))  # writes tuner.pkl
+        scheduler.set_search_properties("best_objective", "max")  # as Tune does when the search starts
+        return scheduler
+
+    def resume():
+        tuner = tune.Tuner.restore(str(tmp_path / "tune"), trainable=lambda config: None)
+        scheduler = tuner._local_tuner._tune_config.scheduler
+        scheduler.set_search_properties("best_objective", "max")
+        return scheduler
+
+    def result(scheduler, trial, epoch, objective):
+        return scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "best_objective": objective})
+
+    scheduler = begin()
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(5)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    for i, trial in enumerate(trials[:4]):  # four trials report their first epochs, each better than the last
+        for epoch in (1, 2, 3):
+            result(scheduler, trial, epoch, 0.3 + 0.1 * i + 0.01 * epoch)
+    brackets = {t.trial_id: scheduler._brackets.index(scheduler._trial_info[t.trial_id]) for t in trials}
+
+    resumed = resume()
+    assert resumed is not scheduler and [b._rungs for b in resumed._brackets] == [b._rungs for b in scheduler._brackets]
+    assert any(recorded for b in resumed._brackets for _, recorded in b._rungs)
+    for trial in trials:  # Tune adds the restored trials again; each keeps its bracket
+        resumed.on_trial_add(None, trial)
+    assert {t.trial_id: resumed._brackets.index(resumed._trial_info[t.trial_id]) for t in trials} == brackets
+    weak = trials[4]  # the worst at its first milestone: stopped against the rungs kept
+    milestone = int(min(m for m, _ in resumed._trial_info[weak.trial_id]._rungs))
+    assert result(resumed, weak, milestone, 0.01) == TrialScheduler.STOP
+
+    (tmp_path / "asha.json").write_text("{not json")  # an unreadable record: empty rungs, as Tune's own ASHA
+    assert not any(recorded for b in resume()._brackets for _, recorded in b._rungs)
+    begin()  # a new search in the same folder starts with empty rungs, whatever an earlier one left
+    assert not any(recorded for b in resume()._brackets for _, recorded in b._rungs)
 
 
 # SGD at lr 1e8 diverges at once: the search must record that trial as errored and go on.

@@ -38,7 +38,7 @@ from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import compare_on_test, evaluate_on_test, format_test
 from fer_tune.errors import SearchInterrupted, UserError
 from fer_tune.io import atomic_write_json, atomic_write_text, check_writable, folder_lock
-from fer_tune.layout import WALL_FILE
+from fer_tune.layout import ASHA_FILE, WALL_FILE
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
@@ -47,6 +47,7 @@ from fer_tune.search.cluster import (check_storage, connect_ray, driver_node_res
 from fer_tune.search import finalists
 from fer_tune.search.results import (final_histories, final_outcomes, healthy, read_checkpoint, trial_confusions,
                                      trial_histories, trial_table)
+from fer_tune.search.scheduler import ResumableASHA
 from fer_tune.search.space import SpaceSampler, known_recipes, make_sampler
 from fer_tune.search.trial import METRIC, make_trial, trains_in_trial, trial_holds
 from fer_tune.spec import Spec
@@ -124,7 +125,6 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     data = ray.put({"tables": prepared.tables, "info": prepared.info})  # for workers on other nodes
     storage = str(out)
 
-    scheduler = make_scheduler(spec)
     # Through a TorchTrainer, the trial function only waits on it: it holds memory, not a CPU a
     # worker needs. It runs on the driver's node, as does the Train controller it starts, so a lost
     # worker node takes only training workers with it, and Train retries the trial from its last
@@ -149,7 +149,7 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     else:
         searcher = make_searcher(spec, out)
         tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+            metric=METRIC, mode="max", search_alg=searcher, scheduler=make_scheduler(spec, out),
             num_samples=spec.search.num_samples, max_concurrent_trials=concurrency, reuse_actors=reuse))
     with ctrl_c_stops_gracefully() as interrupted:
         results = tuner.fit()
@@ -170,14 +170,15 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     return finish(spec, out, trials, results, final, runs, selection, prepared, wall, pieces=len(earlier) + 1)
 
 
-def make_scheduler(spec: Spec):
-    """ASHA over epochs (`search.scheduler`), or no early stopping."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def make_scheduler(spec: Spec, out: Path):
+    """ASHA over epochs (`search.scheduler`) whose rungs a resumed search keeps (DIR/asha.json),
+    or no early stopping. For a new search only: a resumed one gets its scheduler from Tune."""
+    from ray.tune.schedulers import FIFOScheduler
 
     sched = spec.search.scheduler
     if sched.type != "asha":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
+    return ResumableASHA(out / ASHA_FILE, time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
                          grace_period=sched.grace(spec.train.epochs), reduction_factor=sched.reduction_factor,
                          brackets=sched.brackets)
 
