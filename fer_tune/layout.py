@@ -5,6 +5,7 @@
     DIR/report/                 metrics.json, report.md    DIR/tune/, DIR/optuna.db (searches)
     DIR/wall.json               a search's wall time, piece by piece (each --resume is one)
     DIR/asha.json               a search's ASHA rungs, kept for --resume
+    DIR/searches.json           a search's Tune experiments: tune/, and tune_2/... once extended
 
 Every command that takes "a trained model" accepts the experiment folder, its best/ folder or
 the model file itself; `find_model` is the one place that turns such a path into its files.
@@ -25,6 +26,7 @@ DATA_FILE = "data.json"  # under splits/: tasks, labels and sizes of the prepare
 REPORT_DIR = "report"
 WALL_FILE = "wall.json"  # a search's pieces (the first run and each --resume): when each began, how long it ran
 ASHA_FILE = "asha.json"  # a search's ASHA rungs, so that a --resume judges trials against every earlier result
+PARTS_FILE = "searches.json"  # a search's Tune experiments (tune, then tune_2... per --resume that adds trials)
 
 
 def check_model_exists(path: Path) -> Path:

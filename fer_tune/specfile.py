@@ -80,7 +80,8 @@ def check_same_experiment(spec: Spec, out: Path, resume: bool = False, search: b
 
     The same spec may go on in its folder (`run --resume`) or be trained again (`train`); a folder
     whose spec differs, whose spec is unreadable, or that holds a search when `train` asks for
-    it (search=False), is never written to.
+    it (search=False), is never written to. One difference is allowed, to `run --resume`: a
+    larger `search.num_samples`, which extends the search (see `fer_tune.search.run.search_parts`).
     """
     out = Path(out)
     saved = out / "spec.yaml"
@@ -95,12 +96,20 @@ def check_same_experiment(spec: Spec, out: Path, resume: bool = False, search: b
         before = read_spec(saved)
     except UserError:
         raise UserError(f"{saved}: the experiment folder's spec is unreadable; use another --out") from None
-    differences = describe_differences(before.model_dump(mode="json"), spec.model_dump(mode="json"),
-                                       "folder has", "this spec has")
+    saved, now = before.model_dump(mode="json"), spec.model_dump(mode="json")
+    grown = spec.search.num_samples - before.search.num_samples
+    if resume and search and grown:
+        if grown < 0:
+            raise UserError(f"--resume: search.num_samples {spec.search.num_samples} is below the "
+                            f"{before.search.num_samples} trials {out} holds or plans; a search's budget can only grow")
+        saved["search"]["num_samples"] = now["search"]["num_samples"]  # more trials: the same experiment, extended
+    differences = describe_differences(saved, now, "folder has", "this spec has")
     if differences:
+        hint = (" (a larger search.num_samples alone extends the search, with --resume)"
+                if search and grown > 0 and not resume and len(differences) == 1 else "")
         raise UserError(f"{out} holds a different experiment ({differences[0]}"
                         f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); "
-                        f"use another --out, or the same spec and --set values to resume it")
+                        f"use another --out, or the same spec and --set values to resume it{hint}")
 
 
 def _check_drawn_together(spec: Spec, source: str, checks: list) -> None:

@@ -516,6 +516,46 @@ def test_report_and_tensorboard_hparams_cover_every_trial(searched):
     assert not list((out / "tune").rglob("events.out.tfevents.*"))  # Ray's own TensorBoard files replaced
 
 
+def test_a_finished_search_extended_with_more_trials_goes_on_from_its_study_and_rungs(tmp_path, capsys):
+    """`--resume` with a larger search.num_samples adds trials to a finished search: TPE learns
+    from the trials before, ASHA judges against their rungs, the final phase runs again over all
+    of them, and the report and best/ are those of the whole search. A smaller budget is refused."""
+    spec = write_spec(tmp_path / "s.yaml", name="grow", space={"model.dropout": {"uniform": [0.0, 0.4]}},
+                      train={"epochs": 3, "batch_size": 32},
+                      search={"num_samples": 3, "finalists": 1, "finalist_seeds": 1, "max_concurrent_trials": 1,
+                              "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                              "searcher": {"startup_trials": 2}})
+    out = tmp_path / "run"
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    first = pd.read_csv(out / "report" / "trials.csv")
+    rungs_before = json.loads((out / "asha.json").read_text())["rungs"]
+    capsys.readouterr()
+
+    assert main(["run", str(spec), "--out", str(out), "--set", "search.num_samples=5"]) == 2  # not without --resume
+    assert "a larger search.num_samples alone extends the search, with --resume" in capsys.readouterr().err
+    assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "search.num_samples=5"]) == 0
+    said = capsys.readouterr().out
+    assert f"extending the search: 2 more trials in {out / 'tune_2'}" in said
+
+    parts = json.loads((out / "searches.json").read_text())["parts"]
+    assert parts == [{"name": "tune", "num_samples": 3}, {"name": "tune_2", "num_samples": 2}]
+    trials = pd.read_csv(out / "report" / "trials.csv")
+    assert len(trials) == 5 and set(first["trial_id"]) < set(trials["trial_id"])
+    study = optuna.load_study(study_name="grow", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(study.trials) == 5 and [t.params.get("model.dropout") for t in study.trials].count(0.1) == 1
+    rungs_after = json.loads((out / "asha.json").read_text())["rungs"]
+    for (milestone, before), (same, after) in zip(rungs_before[0], rungs_after[0]):
+        assert milestone == same and before.items() <= after.items()  # the new trials met the old rungs
+    assert len(rungs_after[0][-1][1]) == 5
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["trials"] == 5 and (out / "final_2").is_dir()
+    assert metrics["best_trial"] in set(trials["trial_id"])
+    assert "Search: 5 trials" in (out / "report" / "report.md").read_text()
+
+    assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "search.num_samples=4"]) == 2
+    assert "search.num_samples 4 is below the 5 trials" in capsys.readouterr().err
+
+
 def test_trials_in_their_own_process_reuse_it_and_train_as_a_fresh_process_would(tmp_path):
     """One process serves trial after trial (resources.reuse_trial_processes), and nothing of an
     earlier trial leaks into a later one: the last trial's numbers are those `fer-tune train` gets

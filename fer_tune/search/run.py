@@ -8,7 +8,8 @@ Flow (top to bottom in `run_search`):
    `DIR/optuna.db`) over the spec's `space:` (`fer_tune.search.space`) and ASHA on the objective;
 3. each trial launches a TorchTrainer whose workers run `fit()` (DDP when more than one) and
    report every epoch, or runs `fit()` itself (`resources.trainer`, see
-   `fer_tune.search.trial.trains_in_trial`);
+   `fer_tune.search.trial.trains_in_trial`); a search given more trials on `--resume` runs them
+   as a further Tuner on the same study (`search_parts`);
 4. after the search the best trial's best epoch is tested once on the test split
    (`fer_tune.search.results` reads the trials back), and its config and weights are exported
    to `DIR/best/`.
@@ -36,9 +37,9 @@ from fer_tune.data.prepare import prepare_data
 from fer_tune.engine.artifacts import export_best
 from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import compare_on_test, evaluate_on_test, format_test
-from fer_tune.errors import SearchInterrupted, UserError
+from fer_tune.errors import SearchInterrupted, UserError, one_line
 from fer_tune.io import atomic_write_json, atomic_write_text, check_writable, folder_lock
-from fer_tune.layout import ASHA_FILE, WALL_FILE
+from fer_tune.layout import ASHA_FILE, PARTS_FILE, WALL_FILE
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
@@ -51,7 +52,7 @@ from fer_tune.search.scheduler import ResumableASHA
 from fer_tune.search.space import SpaceSampler, known_recipes, make_sampler
 from fer_tune.search.trial import METRIC, make_trial, trains_in_trial, trial_holds
 from fer_tune.spec import Spec
-from fer_tune.specfile import check_same_experiment, check_spec
+from fer_tune.specfile import check_same_experiment, check_spec, read_spec
 
 FINAL_DIR = "final"
 """The Tune experiment of the final phase, beside the search's DIR/tune."""
@@ -70,10 +71,38 @@ def run_search(spec: Spec, out: Path, resume: bool = False, address: Optional[st
     with folder_lock(out):  # held until the search, its final phase and its report are done
         check_same_experiment(spec, out, resume)  # again: another command may have finished meanwhile
         earlier = earlier_pieces(out)
+        parts = search_parts(spec, out)  # before _search writes this spec over the folder's
         try:
-            return _search(spec, out, resume, address, verbose, started, earlier)
+            return _search(spec, out, resume, address, verbose, started, earlier, parts)
         finally:
             record_piece(out, earlier, started)
+
+
+def search_parts(spec: Spec, out: Path) -> list[dict]:
+    """The Tune experiments this search is made of, in order, each with its number of trials:
+    DIR/tune, then one more (DIR/tune_2, ...) for each `--resume` that raised `search.num_samples`.
+
+    Tune cannot give a restored experiment more trials, so the extra ones are a new experiment on
+    the same Optuna study: TPE goes on from every trial the search has run, ASHA from every rung
+    (DIR/asha.json), and the final phase is run again over all the trials."""
+    path = out / PARTS_FILE
+    if not (out / "tune").is_dir():
+        parts = []
+    elif path.is_file():
+        try:
+            parts = [{"name": str(p["name"]), "num_samples": int(p["num_samples"])}
+                     for p in json.loads(path.read_text())["parts"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{path}: unreadable ({one_line(err, limit=80)}); it lists the Tune experiments of "
+                            f"this search (tune, tune_2, ...): restore it, or resume without changing "
+                            f"search.num_samples") from None
+    else:  # a search begun before extensions existed, or never extended: one experiment
+        parts = [{"name": "tune", "num_samples": read_spec(out / "spec.yaml").search.num_samples}]
+    planned = sum(p["num_samples"] for p in parts)
+    if spec.search.num_samples > planned:
+        parts.append({"name": f"tune_{len(parts) + 1}" if parts else "tune",
+                      "num_samples": spec.search.num_samples - planned})
+    return parts
 
 
 def earlier_pieces(out: Path) -> list[dict]:
@@ -100,7 +129,7 @@ def record_piece(out: Path, earlier: list[dict], started: float) -> None:
 
 
 def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose: int, started: float,
-            earlier: list[dict]) -> dict:
+            earlier: list[dict], parts: list[dict]) -> dict:
     import ray
     from ray import tune
 
@@ -108,6 +137,7 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     if spec.search.storage is not None:
         check_storage(checkpoints)  # before spec.yaml: a corrected --storage is then the same experiment
     atomic_write_text(out / "spec.yaml", spec.to_yaml())
+    atomic_write_json(out / PARTS_FILE, {"parts": parts})
     if not spec.space:
         print(f"note: {spec.name} has no space: section; every trial trains the same config")
 
@@ -138,25 +168,32 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     holds = trial_holds(spec.resources, use_gpu, in_trial, driver_node_resource())
     trial = tune.with_resources(trainable, holds)
     retries = spec.search.max_failures if in_trial else 0  # a TorchTrainer trial's are Train's
-    run_config = tune.RunConfig(name="tune", storage_path=storage, verbose=verbose,
-                                failure_config=tune.FailureConfig(max_failures=retries),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                callbacks=[TrialCurves(out / "tensorboard")])
-    tune_dir = out / "tune"
-    if tune.Tuner.can_restore(str(tune_dir)):
-        print(f"resuming the search in {tune_dir}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=False)
-    else:
-        searcher = make_searcher(spec, out)
-        tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=searcher, scheduler=make_scheduler(spec, out),
-            num_samples=spec.search.num_samples, max_concurrent_trials=concurrency, reuse_actors=reuse))
-    with ctrl_c_stops_gracefully() as interrupted:
-        results = tuner.fit()
-    if interrupted or results.num_terminated + results.num_errors < spec.search.num_samples:
-        raise SearchInterrupted(f"the search stopped before its {spec.search.num_samples} trials ended "
-                                f"({'interrupted; ' if interrupted else ''}finished trials and the running "
-                                f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
+    results = []
+    for part in parts:
+        tune_dir = out / part["name"]
+        if tune.Tuner.can_restore(str(tune_dir)):
+            print(f"resuming the search in {tune_dir}")
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=False)
+        else:
+            extending = part is not parts[0]
+            if extending:
+                print(f"extending the search: {part['num_samples']} more trials in {tune_dir}, TPE going on from "
+                      f"the {len(results)} before and ASHA from their rungs")
+            run_config = tune.RunConfig(name=part["name"], storage_path=storage, verbose=verbose,
+                                        failure_config=tune.FailureConfig(max_failures=retries),
+                                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                        callbacks=[TrialCurves(out / "tensorboard")])
+            tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", search_alg=make_searcher(spec, out, extending),
+                scheduler=make_scheduler(spec, out, keep_rungs=extending),
+                num_samples=part["num_samples"], max_concurrent_trials=concurrency, reuse_actors=reuse))
+        with ctrl_c_stops_gracefully() as interrupted:
+            part_results = tuner.fit()
+        if interrupted or part_results.num_terminated + part_results.num_errors < part["num_samples"]:
+            raise SearchInterrupted(f"the search stopped before its {spec.search.num_samples} trials ended "
+                                    f"({'interrupted; ' if interrupted else ''}finished trials and the running "
+                                    f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
+        results += [part_results[i] for i in range(len(part_results))]
     trials = trial_table(spec, results)
     atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
     if healthy(trials).empty:
@@ -164,29 +201,32 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
         raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
     configs = {str(t): dict(r.config or {}) for t, r in zip(trials["trial_id"], results)}
     runs = finalists.plan(spec, trials, configs)
-    final = run_final(spec, out, runs, trainable, holds, retries, concurrency, reuse, verbose)
+    final_name = FINAL_DIR if len(parts) == 1 else f"{FINAL_DIR}_{len(parts)}"  # an extended search's own
+    final = run_final(spec, out, runs, trainable, holds, retries, concurrency, reuse, verbose, final_name)
     selection = finalists.select(spec, trials, runs, final_outcomes(spec, final, len(runs)) if final else [])
     wall = sum(p["seconds"] for p in earlier) + time.time() - started
     return finish(spec, out, trials, results, final, runs, selection, prepared, wall, pieces=len(earlier) + 1)
 
 
-def make_scheduler(spec: Spec, out: Path):
+def make_scheduler(spec: Spec, out: Path, keep_rungs: bool = False):
     """ASHA over epochs (`search.scheduler`) whose rungs a resumed search keeps (DIR/asha.json),
-    or no early stopping. For a new search only: a resumed one gets its scheduler from Tune."""
+    or no early stopping. For a new Tune experiment only (a resumed one gets its scheduler from
+    Tune): a new search starts with empty rungs, an extension (`keep_rungs`) with the search's."""
     from ray.tune.schedulers import FIFOScheduler
 
     sched = spec.search.scheduler
     if sched.type != "asha":
         return FIFOScheduler()
-    return ResumableASHA(out / ASHA_FILE, time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
+    return ResumableASHA(out / ASHA_FILE, keep_rungs=keep_rungs, time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
                          grace_period=sched.grace(spec.train.epochs), reduction_factor=sched.reduction_factor,
                          brackets=sched.brackets)
 
 
 def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries: int, concurrency: int,
-              reuse: bool, verbose: int):
+              reuse: bool, verbose: int, name: str = FINAL_DIR):
     """The full-budget runs of `fer_tune.search.finalists`, through Tune as a second experiment
-    (DIR/final) with the search's own trainable; resumable like the search. None when there are none."""
+    (DIR/final; DIR/final_2... for an extended search) with the search's own trainable; resumable
+    like the search. None when there are none."""
     from ray import tune
 
     if not runs:
@@ -198,7 +238,7 @@ def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries
 
     final_run.__name__ = trainable.__name__  # Tune names trials (and their folders) after it
     final = tune.with_resources(final_run, holds)
-    final_dir = out / FINAL_DIR
+    final_dir = out / name
     print(f"final phase: {len(runs)} full-budget run(s) of {len({r.trial_id for r in runs})} recipe(s): "
           f"the {spec.search.finalists} best trial(s) and your recipe, {spec.search.finalist_seeds} more seed(s) "
           f"each, once with their own where ASHA stopped them")
@@ -207,7 +247,7 @@ def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries
         tuner = tune.Tuner.restore(str(final_dir), trainable=final, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(final, param_space={"final_run": tune.grid_search(list(range(len(runs))))},
-                           run_config=tune.RunConfig(name=FINAL_DIR, storage_path=str(out), verbose=verbose,
+                           run_config=tune.RunConfig(name=name, storage_path=str(out), verbose=verbose,
                                                      failure_config=tune.FailureConfig(max_failures=retries),
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                                      callbacks=[TrialCurves(out / "tensorboard")]),
@@ -222,7 +262,7 @@ def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries
     return results
 
 
-def make_searcher(spec: Spec, out: Path) -> "StudySearch":
+def make_searcher(spec: Spec, out: Path, extending: bool = False) -> "StudySearch":
     """OptunaSearch over the spec's space, its study in DIR/optuna.db, starting with the known recipes.
 
     The recipes (`known_recipes`: the spec's own values, then `search.points`) are enqueued in the
@@ -239,7 +279,7 @@ def make_searcher(spec: Spec, out: Path) -> "StudySearch":
     problem = spec.own_recipe_problem() if spec.space and spec.search.start_from_spec is not False else None
     if problem:
         print(f"note: the search does not start from your spec's own values: {problem.split(': ', 1)[1]}")
-    if begun and recipes:
+    if begun and recipes and not extending:
         print(f"note: {out / 'optuna.db'} already holds trials of {spec.name}: its known recipes are not queued again")
     return StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=make_sampler(spec, len(recipes)),
                        study_name=spec.name, storage=storage,

@@ -8,7 +8,8 @@ a trial at 0.147 at epoch 3, below the rung's cutoff of 0.314, ran all 20 epochs
 
 `ResumableASHA` writes its rungs and the bracket of every trial to a JSON file beside the search
 at each result, and reads them back when Tune unpickles it, so a resumed search judges its trials
-against every result the search has seen.
+against every result the search has seen. An extension of a search (more trials, a further Tune
+experiment: `fer_tune.search.run.search_parts`) starts from the same rungs.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from fer_tune.io import atomic_write_json
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    def __init__(self, state_file: Path, **asha):
-        """For a new search only (a resumed one is unpickled): its empty rungs replace any left in
-        `state_file` by an earlier search in the same folder."""
+    def __init__(self, state_file: Path, keep_rungs: bool = False, **asha):
+        """For a new Tune experiment only (a resumed one is unpickled). A new search's empty rungs
+        replace any an earlier search left in `state_file`; an extension of the search
+        (`keep_rungs`) starts from the rungs there."""
         super().__init__(**asha)
         self._state_file = str(state_file)
         self._saved_bracket: dict[str, int] = {}
+        if keep_rungs:
+            self._load()
         self._save()
 
     def on_trial_add(self, tune_controller, trial) -> None:
@@ -59,6 +63,9 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def __setstate__(self, pickled: dict) -> None:
         self.__dict__.update(pickled)
+        self._load()
+
+    def _load(self) -> None:
         saved = read_state(Path(self._state_file), self)
         if saved is None:
             return
