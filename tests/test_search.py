@@ -405,6 +405,24 @@ def test_interrupted_and_killed_driver_resume_and_keep_finished_trials(tmp_path)
     assert "over 2 pieces (resumed 1 time)" in (out / "report" / "report.md").read_text()
 
 
+def test_extending_a_search_begun_before_asha_json_rebuilds_its_rungs_from_the_trials_results(tmp_path):
+    from fer_tune.search.run import make_scheduler
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", train={"epochs": 9},
+                                search={"scheduler": {"grace_period": 1, "reduction_factor": 3}}))
+    for trial, objectives in {"a": [0.2, 0.3, 0.35, 0.4], "b": [0.1]}.items():
+        folder = tmp_path / "tune" / f"trial_{trial}_0"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"training_iteration": range(1, len(objectives) + 1), "best_objective": objectives,
+                      "trial_id": trial}).to_csv(folder / "progress.csv", index=False)
+    scheduler = make_scheduler(spec, tmp_path, earlier=[tmp_path / "tune"])
+    assert not any(recorded for _, recorded in scheduler._brackets[0]._rungs)  # the metric is not known yet
+    scheduler.set_search_properties("best_objective", "max")  # as Tune does when the search starts
+    assert dict((int(m), r) for m, r in scheduler._brackets[0]._rungs) == {
+        9: {}, 3: {"a": 0.35}, 1: {"a": 0.2, "b": 0.1}}  # each trial's value where it first reached each milestone
+    assert json.loads((tmp_path / "asha.json").read_text())["rungs"][0][1] == [3.0, {"a": 0.35}]
+
+
 def test_each_piece_of_a_search_adds_its_wall_time_and_a_new_search_starts_the_count_again(tmp_path):
     import time
 

@@ -185,7 +185,7 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
                                         callbacks=[TrialCurves(out / "tensorboard")])
             tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", search_alg=make_searcher(spec, out, extending),
-                scheduler=make_scheduler(spec, out, keep_rungs=extending),
+                scheduler=make_scheduler(spec, out, earlier=[out / p["name"] for p in parts[:parts.index(part)]]),
                 num_samples=part["num_samples"], max_concurrent_trials=concurrency, reuse_actors=reuse))
         with ctrl_c_stops_gracefully() as interrupted:
             part_results = tuner.fit()
@@ -208,16 +208,18 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     return finish(spec, out, trials, results, final, runs, selection, prepared, wall, pieces=len(earlier) + 1)
 
 
-def make_scheduler(spec: Spec, out: Path, keep_rungs: bool = False):
+def make_scheduler(spec: Spec, out: Path, earlier: list[Path] = ()):
     """ASHA over epochs (`search.scheduler`) whose rungs a resumed search keeps (DIR/asha.json),
     or no early stopping. For a new Tune experiment only (a resumed one gets its scheduler from
-    Tune): a new search starts with empty rungs, an extension (`keep_rungs`) with the search's."""
+    Tune): a new search starts with empty rungs, an extension with the rungs of its `earlier`
+    Tune experiments."""
     from ray.tune.schedulers import FIFOScheduler
 
     sched = spec.search.scheduler
     if sched.type != "asha":
         return FIFOScheduler()
-    return ResumableASHA(out / ASHA_FILE, keep_rungs=keep_rungs, time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
+    return ResumableASHA(out / ASHA_FILE, keep_rungs=bool(earlier), earlier=tuple(earlier),
+                         time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
                          grace_period=sched.grace(spec.train.epochs), reduction_factor=sched.reduction_factor,
                          brackets=sched.brackets)
 

@@ -24,16 +24,26 @@ from fer_tune.io import atomic_write_json
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    def __init__(self, state_file: Path, keep_rungs: bool = False, **asha):
+    def __init__(self, state_file: Path, keep_rungs: bool = False, earlier: tuple[Path, ...] = (), **asha):
         """For a new Tune experiment only (a resumed one is unpickled). A new search's empty rungs
         replace any an earlier search left in `state_file`; an extension of the search
-        (`keep_rungs`) starts from the rungs there."""
+        (`keep_rungs`) starts from the rungs there, or, for a search begun before fer-tune kept
+        them, from what its `earlier` Tune experiments' trials reported (one bracket only: which
+        bracket a trial was in is not in its results)."""
         super().__init__(**asha)
         self._state_file = str(state_file)
         self._saved_bracket: dict[str, int] = {}
-        if keep_rungs:
-            self._load()
+        rebuild = keep_rungs and not self._load() and len(self._brackets) == 1
+        self._rebuild_from = [str(d) for d in earlier] if rebuild else []  # once Tune names the metric
         self._save()
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        accepted = super().set_search_properties(metric, mode, **spec)
+        if accepted and getattr(self, "_rebuild_from", None) and self._metric_op:  # (unpickled from before it)
+            rungs_from_results(self, [Path(d) for d in self._rebuild_from])
+            self._rebuild_from = []
+            self._save()
+        return accepted
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if trial.trial_id in self._saved_bracket:  # a resumed trial keeps the bracket it was judged in
@@ -65,16 +75,38 @@ class ResumableASHA(AsyncHyperBandScheduler):
         self.__dict__.update(pickled)
         self._load()
 
-    def _load(self) -> None:
+    def _load(self) -> bool:
         saved = read_state(Path(self._state_file), self)
         if saved is None:
-            return
+            return False
         for bracket, rungs in zip(self._brackets, saved["rungs"]):
             for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
                 if milestone == saved_milestone:
                     recorded.update(saved_recorded)
         self._saved_bracket = dict(saved["trial_brackets"])
         self._num_stopped = saved["num_stopped"]
+        return True
+
+
+def rungs_from_results(scheduler: ResumableASHA, tune_dirs) -> None:
+    """Fill a one-bracket scheduler's rungs as ASHA itself fills them: each trial's metric at the
+    first result that reached the milestone (from each trial's progress.csv)."""
+    import pandas as pd
+
+    (bracket,) = scheduler._brackets
+    for tune_dir in tune_dirs:
+        for progress in sorted(Path(tune_dir).glob("trial_*/progress.csv")):
+            try:
+                history = pd.read_csv(progress)
+            except (OSError, ValueError):
+                continue
+            if not {scheduler._time_attr, scheduler._metric, "trial_id"} <= set(history.columns):
+                continue
+            for milestone, recorded in bracket._rungs:
+                reached = history[history[scheduler._time_attr] >= milestone]
+                if len(reached):
+                    recorded[str(reached["trial_id"].iloc[0])] = scheduler._metric_op * float(
+                        reached[scheduler._metric].iloc[0])
 
 
 def read_state(path: Path, scheduler: ResumableASHA) -> Optional[dict]:
