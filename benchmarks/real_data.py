@@ -32,6 +32,11 @@ the best epoch's train accuracy, the train - test gap, epochs, wall) and, per ar
   the search winner with the highest validation objective; no choice uses test numbers), >= 0.95;
 - P6 the winner's train - test accuracy gap <= 10 points.
 
+`--extend SEARCH=N` then gives a finished search N trials in all, in a copy of its folder named
+SEARCH_N (`fer-tune run --resume --set search.num_samples=N`: the extra trials go on from its
+Optuna study and ASHA rungs, and its final phase runs again over all of them). The extended
+winner gets the same tests and its own P4 and P6 lines; the search it extends stays as it was.
+
 Finished experiments in --work are reused (an interrupted search resumes with `--resume`), so
 the benchmark runs in pieces across sessions; each piece's wall time is kept in
 --work/walls.json and the table adds them up. `--export DIR` writes each P4/P5 winner's complete
@@ -113,6 +118,29 @@ class Bench:
                   f"search.finalist_seeds={a.finalist_seeds}"]
         return self.experiment(name, "run", self.spaces / spec_name, [*self.common, *budget, *sets])
 
+    def extend(self, name: str, samples: int) -> Optional[Path]:
+        """A copy of the finished search `name`, given `samples` trials in all (None until `name` has
+        finished). The copy is made once; its extension resumes like any search."""
+        source, out = self.work / name, self.work / extended_name(name, samples)
+        if not (source / "report" / "metrics.json").is_file():
+            print(f"{out.name}: not yet ({name} has not finished)", file=sys.stderr, flush=True)
+            return None
+        if metrics_of(out).get("trials") == samples:
+            print(f"{out.name}: reusing {out}", file=sys.stderr, flush=True)
+            return out
+        if not (out / "tune").is_dir():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.log"))
+            (out / "report" / "metrics.json").unlink()  # the copy's own report comes from its extension
+        print(f"{out.name}: fer-tune run {out / 'spec.yaml'} --resume --set search.num_samples={samples} ...",
+              file=sys.stderr, flush=True)
+        with self.timed(out.name):
+            run_cli(["run", out / "spec.yaml", "--out", out, "--resume", "--set", f"search.num_samples={samples}"],
+                    self.work / f"{out.name}.log")
+        return out
+
     def second_test(self, name: str) -> Optional[Path]:
         """The experiment's model evaluated on the second test set (None when there is none)."""
         if self.args.second_test_sets is None:
@@ -142,6 +170,17 @@ class Bench:
         pieces = [p for p in walls.get(name, []) if p["started"] != piece["started"]]
         walls[name] = [*pieces, piece]
         (self.work / "walls.json").write_text(json.dumps(walls, indent=1))
+
+
+def parse_extension(text: str) -> tuple[str, int]:
+    name, _, samples = text.partition("=")
+    if not name or not samples.isdigit() or int(samples) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SEARCH=N, e.g. pretrained=24")
+    return name, int(samples)
+
+
+def extended_name(name: str, samples: int) -> str:
+    return f"{name}_{samples}"
 
 
 def read_walls(work: Path) -> dict:
@@ -253,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "benchmarks" / "real_data",
                         help="experiments go (and are reused from) here")
     parser.add_argument("--export", type=Path, help="write each P4/P5 winner's config as EXPORT/<experiment>.yaml")
+    parser.add_argument("--extend", action="append", default=[], type=parse_extension, metavar="SEARCH=N",
+                        help="after the arms, a copy SEARCH_N of a finished search given N trials in all (repeatable)")
     parser.add_argument("--smoke", action="store_true",
                         help="synthetic faces, tiny backbones, 2 epochs, 2 trials, temporary --work")
     parser.add_argument("--table-only", action="store_true",
@@ -354,32 +395,47 @@ def run_all(bench: Bench) -> None:
                 done.add(name)
                 if bench.args.export:  # as each search ends: a run stopped later keeps what finished
                     export_winners(bench)
+    for name, samples in bench.args.extend:
+        if bench.extend(name, samples) is not None:
+            bench.second_test(extended_name(name, samples))
+            if bench.args.export:
+                export_winners(bench)
 
 
 def export_winners(bench: Bench) -> None:
     """Each search winner's complete config, data.root relative to the repository, to retrain anywhere."""
     bench.args.export.mkdir(parents=True, exist_ok=True)
-    for arm in bench.args.arms:
-        for name in searches_of(bench, arm):
-            best = bench.work / name / "best" / "config.yaml"
-            if not best.is_file():
-                continue
-            config = yaml.safe_load(best.read_text())
-            root = config.get("data", {}).get("root")
-            if root:
-                config["data"]["root"] = os.path.relpath(root, REPO)
-            header = (f"# {name}: the winner of benchmarks/real_data.py's {arm} arm "
-                      f"(searched {provenance(bench.work, name)}).\n"
-                      f"# Retrain: fer-tune train benchmarks/results/{name}.yaml (paths relative to the repository)\n")
-            (bench.args.export / f"{name}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
-            print(f"exported {bench.args.export / f'{name}.yaml'}", file=sys.stderr)
+    searches = [(arm, name) for arm in bench.args.arms for name in searches_of(bench, arm)]
+    # an extended copy holds its source's best/ until its own search has ended
+    searches += [(arm_of(name), extended_name(name, n)) for name, n in bench.args.extend
+                 if metrics_of(bench.work / extended_name(name, n)).get("trials") == n]
+    for arm, name in searches:
+        best = bench.work / name / "best" / "config.yaml"
+        if not best.is_file():
+            continue
+        config = yaml.safe_load(best.read_text())
+        root = config.get("data", {}).get("root")
+        if root:
+            config["data"]["root"] = os.path.relpath(root, REPO)
+        header = (f"# {name}: the winner of benchmarks/real_data.py's {arm} arm "
+                  f"(searched {provenance(bench.work, name)}).\n"
+                  f"# Retrain: fer-tune train benchmarks/results/{name}.yaml (paths relative to the repository)\n")
+        (bench.args.export / f"{name}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+        print(f"exported {bench.args.export / f'{name}.yaml'}", file=sys.stderr)
+
+
+def arm_of(search: str) -> str:
+    """The arm whose searches include `search` (its main search or one of its others)."""
+    return next((arm for arm, (main, _, _, others) in ARMS.items() if search == main or search in others
+                 or search.startswith(f"{main}_")), "?")
 
 
 def summarize(bench: Bench) -> None:
     work, names = bench.work, bench.names
     rows, finished = [], {}
+    extended = [extended_name(n, k) for n, k in bench.args.extend]
     candidates = [f"recipe_{b}" for b in RECIPES] + [n for arm in ARM_ORDER for n in searches_of(bench, arm)]
-    for name in candidates:
+    for name in [*candidates, *extended]:
         m = metrics_of(work / name)
         if not m:
             continue
@@ -413,18 +469,7 @@ def summarize(bench: Bench) -> None:
             missing = [n for n in [*recipes, main_name] if n not in finished]
             print(f"P4 {label} winner - better recipe: not measured yet (missing: {', '.join(missing)}){smoke}")
         else:
-            better = max(recipes, key=lambda r: finished[r]["expression"]["accuracy"])
-            for which, suffix in (("test", ""), ("second test", "_second_test")):
-                a, b = work / f"{better}{suffix}", work / f"{main_name}{suffix}"
-                if not metrics_of(a) or not metrics_of(b):
-                    print(f"P4 {label} on the {which}: not measured yet{smoke}")
-                    continue
-                d = paired(predictions_of(a), predictions_of(b), metrics_of(b)["labels"])
-                met = d["difference"] >= 0.10 - 1e-9 and d["low"] > 0
-                print(f"P4 {label} {main_name} - {better} on the {which} ({d['faces']} faces): "
-                      f"{100 * d['difference']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], "
-                      f"McNemar p {d['p']:.2g} (target >= +10 with the interval above 0: "
-                      f"{'met' if met else 'NOT met'}){smoke}")
+            print_p4(work, label, main_name, finished, recipes, smoke)
         per_backbone = {}
         for n in searches_of(bench, arm):
             if n in finished:
@@ -449,6 +494,33 @@ def summarize(bench: Bench) -> None:
             gap = finished[main_name]["train_accuracy"] - finished[main_name]["expression"]["accuracy"]
             print(f"P6 {label} train - test gap of {main_name}'s winner: {100 * gap:+.1f} points "
                   f"(target <= 10: {verdict(gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
+
+
+    for (name, samples), extension in zip(bench.args.extend, extended):
+        label = f"[{arm_of(name)}, {name} extended to {samples} trials]"
+        if extension not in finished or any(r not in finished for r in recipes):
+            print(f"P4 {label}: not measured yet{smoke}")
+            continue
+        print_p4(work, label, extension, finished, recipes, smoke)
+        gap = finished[extension]["train_accuracy"] - finished[extension]["expression"]["accuracy"]
+        print(f"P6 {label} train - test gap of {extension}'s winner: {100 * gap:+.1f} points "
+              f"(target <= 10: {verdict(gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
+
+
+def print_p4(work: Path, label: str, search: str, finished: dict, recipes: list[str], smoke: str) -> None:
+    """The search's winner minus the better recipe (on the first test), paired, on each test set."""
+    better = max(recipes, key=lambda r: finished[r]["expression"]["accuracy"])
+    for which, suffix in (("test", ""), ("second test", "_second_test")):
+        a, b = work / f"{better}{suffix}", work / f"{search}{suffix}"
+        if not metrics_of(a) or not metrics_of(b):
+            print(f"P4 {label} on the {which}: not measured yet{smoke}")
+            continue
+        d = paired(predictions_of(a), predictions_of(b), metrics_of(b)["labels"])
+        met = d["difference"] >= 0.10 - 1e-9 and d["low"] > 0
+        print(f"P4 {label} {search} - {better} on the {which} ({d['faces']} faces): "
+              f"{100 * d['difference']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], "
+              f"McNemar p {d['p']:.2g} (target >= +10 with the interval above 0: "
+              f"{'met' if met else 'NOT met'}){smoke}")
 
 
 if __name__ == "__main__":

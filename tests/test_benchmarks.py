@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from conftest import REPO
 
@@ -118,6 +119,21 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
     assert "P6 [imagenet] train - test gap of pretrained's winner: +5.0 points (target <= 10: met)" in printed
     assert "P4 [scratch] winner - better recipe: not measured yet (missing: regularization)" in printed
 
+    # a search given more trials in a copy of its folder (--extend) gets its own lines; its source keeps its own
+    assert real_data.main(["--table-only", "--work", str(tmp_path), "--extend", "pretrained=24"]) == 0
+    assert "P4 [imagenet, pretrained extended to 24 trials]: not measured yet" in capsys.readouterr().out
+    fake_experiment(tmp_path, "pretrained_24", "mobilenetv2_100", 65, 0.70, 0.57, 180, pretrained="imagenet")
+    assert real_data.main(["--table-only", "--work", str(tmp_path), "--extend", "pretrained=24"]) == 0
+    printed = capsys.readouterr().out
+    assert "| pretrained_24 | mobilenetv2_100 | imagenet | 0.650 [0.600, 0.700] |" in printed
+    assert ("P4 [imagenet, pretrained extended to 24 trials] pretrained_24 - recipe_resnet50 on the test "
+            "(100 faces): +25.0 points [+") in printed
+    assert "P6 [imagenet, pretrained extended to 24 trials] train - test gap of pretrained_24's winner: +5.0" in printed
+    assert "P4 [imagenet] pretrained - recipe_resnet50 on the test (100 faces): +20.0 points [+" in printed
+    for bad in ("pretrained", "pretrained=", "=24", "pretrained=x"):
+        with pytest.raises(SystemExit):
+            real_data.main(["--table-only", "--work", str(tmp_path), "--extend", bad])
+
 
 def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_exporting_one(tmp_path):
     import argparse
@@ -132,7 +148,8 @@ def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_export
         {"started": day + 3600, "seconds": 60.0, "revision": "aaaaaaa"},
         {"started": day + 90_000, "seconds": None, "revision": "bbbbbbb"},
         {"started": day + 95_000, "seconds": 60.0, "revision": "aaaaaaa"}]}))
-    bench = real_data.Bench(argparse.Namespace(cpus_per_trial=2, arms=["imagenet"], export=tmp_path / "results"),
+    bench = real_data.Bench(argparse.Namespace(cpus_per_trial=2, arms=["imagenet"], export=tmp_path / "results",
+                                               extend=[]),
                             tmp_path, [], {b: b for b in real_data.SMOKE_NAMES})
     real_data.export_winners(bench)
     exported = (tmp_path / "results" / "pretrained.yaml").read_text()
