@@ -539,8 +539,8 @@ def test_a_finished_search_extended_with_more_trials_goes_on_from_its_study_and_
     from the trials before, ASHA judges against their rungs, the final phase runs again over all
     of them, and the report and best/ are those of the whole search. A smaller budget is refused."""
     spec = write_spec(tmp_path / "s.yaml", name="grow", space={"model.dropout": {"uniform": [0.0, 0.4]}},
-                      train={"epochs": 3, "batch_size": 32},
-                      search={"num_samples": 3, "finalists": 1, "finalist_seeds": 1, "max_concurrent_trials": 1,
+                      train={"epochs": 2, "batch_size": 32},
+                      search={"num_samples": 2, "finalists": 1, "finalist_seeds": 1, "max_concurrent_trials": 1,
                               "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
                               "searcher": {"startup_trials": 2}})
     out = tmp_path / "run"
@@ -549,29 +549,29 @@ def test_a_finished_search_extended_with_more_trials_goes_on_from_its_study_and_
     rungs_before = json.loads((out / "asha.json").read_text())["rungs"]
     capsys.readouterr()
 
-    assert main(["run", str(spec), "--out", str(out), "--set", "search.num_samples=5"]) == 2  # not without --resume
+    assert main(["run", str(spec), "--out", str(out), "--set", "search.num_samples=3"]) == 2  # not without --resume
     assert "a larger search.num_samples alone extends the search, with --resume" in capsys.readouterr().err
-    assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "search.num_samples=5"]) == 0
+    assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "search.num_samples=3"]) == 0
     said = capsys.readouterr().out
-    assert f"extending the search: 2 more trials in {out / 'tune_2'}" in said
+    assert f"extending the search: 1 more trial in {out / 'tune_2'}" in said
 
     parts = json.loads((out / "searches.json").read_text())["parts"]
-    assert parts == [{"name": "tune", "num_samples": 3}, {"name": "tune_2", "num_samples": 2}]
+    assert parts == [{"name": "tune", "num_samples": 2}, {"name": "tune_2", "num_samples": 1}]
     trials = pd.read_csv(out / "report" / "trials.csv")
-    assert len(trials) == 5 and set(first["trial_id"]) < set(trials["trial_id"])
+    assert len(trials) == 3 and set(first["trial_id"]) < set(trials["trial_id"])
     study = optuna.load_study(study_name="grow", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert len(study.trials) == 5 and [t.params.get("model.dropout") for t in study.trials].count(0.1) == 1
+    assert len(study.trials) == 3 and [t.params.get("model.dropout") for t in study.trials].count(0.1) == 1
     rungs_after = json.loads((out / "asha.json").read_text())["rungs"]
     for (milestone, before), (same, after) in zip(rungs_before[0], rungs_after[0]):
         assert milestone == same and before.items() <= after.items()  # the new trials met the old rungs
-    assert len(rungs_after[0][-1][1]) == 5
+    assert len(rungs_after[0][-1][1]) == 3
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert metrics["trials"] == 5 and (out / "final_2").is_dir()
+    assert metrics["trials"] == 3 and (out / "final_2").is_dir()
     assert metrics["best_trial"] in set(trials["trial_id"])
-    assert "Search: 5 trials" in (out / "report" / "report.md").read_text()
+    assert "Search: 3 trials" in (out / "report" / "report.md").read_text()
 
-    assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "search.num_samples=4"]) == 2
-    assert "search.num_samples 4 is below the 5 trials" in capsys.readouterr().err
+    assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "search.num_samples=2"]) == 2
+    assert "search.num_samples 2 is below the 3 trials" in capsys.readouterr().err
 
 
 def test_trials_in_their_own_process_reuse_it_and_train_as_a_fresh_process_would(tmp_path):

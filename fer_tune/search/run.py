@@ -177,8 +177,9 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
         else:
             extending = part is not parts[0]
             if extending:
-                print(f"extending the search: {part['num_samples']} more trials in {tune_dir}, TPE going on from "
-                      f"the {len(results)} before and ASHA from their rungs")
+                more = part["num_samples"]
+                print(f"extending the search: {more} more trial{'s' if more > 1 else ''} in {tune_dir}, TPE "
+                      f"going on from the {len(results)} before and ASHA from their rungs")
             run_config = tune.RunConfig(name=part["name"], storage_path=storage, verbose=verbose,
                                         failure_config=tune.FailureConfig(max_failures=retries),
                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
