@@ -128,12 +128,15 @@ class Bench:
         if metrics_of(out).get("trials") == samples:
             print(f"{out.name}: reusing {out}", file=sys.stderr, flush=True)
             return out
-        if not (out / "tune").is_dir():
+        if not out.is_dir():  # copied whole, or not at all: a session may end mid-copy
             import shutil
 
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.log"))
-            (out / "report" / "metrics.json").unlink()  # the copy's own report comes from its extension
+            partial = out.with_name(out.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source, partial, ignore=shutil.ignore_patterns("*.log"))
+            (partial / "report" / "metrics.json").unlink()  # the copy's own report comes from its extension
+            (partial / EXTENDED_FROM).write_text(name)
+            partial.rename(out)
         print(f"{out.name}: fer-tune run {out / 'spec.yaml'} --resume --set search.num_samples={samples} ...",
               file=sys.stderr, flush=True)
         with self.timed(out.name):
@@ -172,6 +175,9 @@ class Bench:
         (self.work / "walls.json").write_text(json.dumps(walls, indent=1))
 
 
+EXTENDED_FROM = "extended_from"  # in an extended copy: the name of the search it was copied from
+
+
 def parse_extension(text: str) -> tuple[str, int]:
     name, _, samples = text.partition("=")
     if not name or not samples.isdigit() or int(samples) < 2:
@@ -190,20 +196,28 @@ def read_walls(work: Path) -> dict:
         return {}
 
 
+def pieces_of(work: Path, name: str) -> list[tuple[str, dict]]:
+    """(experiment, piece) of every piece that made an experiment: an extended copy's include those
+    of the search it was copied from (its `extended_from` file names it)."""
+    source = work / name / EXTENDED_FROM
+    earlier = pieces_of(work, source.read_text().strip()) if source.is_file() else []
+    return earlier + [(name, p) for p in read_walls(work).get(name, [])]
+
+
 def wall_of(work: Path, name: str) -> str:
     """Minutes an experiment took over all its pieces; a piece cut off (a session's end) counts up
     to the last file it wrote."""
-    pieces = read_walls(work).get(name, [])
+    pieces = pieces_of(work, name)
     if not pieces:
         return "n/a"
     total = 0.0
-    starts = sorted(p["started"] for p in pieces)
-    for p in pieces:
+    starts = sorted(p["started"] for _, p in pieces)
+    for folder, p in pieces:
         if p["seconds"] is not None:
             total += p["seconds"]
         else:  # cut off: until its last file, and never past the next piece's start
             following = [s for s in starts if s > p["started"]]
-            last = max((f.stat().st_mtime for f in (work / name).rglob("*") if f.is_file()), default=p["started"])
+            last = max((f.stat().st_mtime for f in (work / folder).rglob("*") if f.is_file()), default=p["started"])
             total += max(0.0, min([last, *following]) - p["started"])
     return f"{total / 60:.0f} min" + (f" ({len(pieces)} pieces)" if len(pieces) > 1 else "")
 
@@ -211,7 +225,7 @@ def wall_of(work: Path, name: str) -> str:
 def provenance(work: Path, name: str) -> str:
     """When and at which fer-tune revisions an experiment ran, over all its pieces: what a winner
     exported later must name, not the revision that happens to export it."""
-    pieces = sorted(read_walls(work).get(name, []), key=lambda p: p["started"])
+    pieces = sorted((p for _, p in pieces_of(work, name)), key=lambda p: p["started"])
     if not pieces:
         return "at a time and revision walls.json did not record"
     moments = [t for p in pieces for t in (p["started"], p["started"] + (p.get("seconds") or 0))]
@@ -502,6 +516,9 @@ def summarize(bench: Bench) -> None:
             print(f"P4 {label}: not measured yet{smoke}")
             continue
         print_p4(work, label, extension, finished, recipes, smoke)
+        if finished[extension].get("train_accuracy") is None:
+            print(f"P6 {label} train - test gap of the winner: not measured{smoke}")
+            continue
         gap = finished[extension]["train_accuracy"] - finished[extension]["expression"]["accuracy"]
         print(f"P6 {label} train - test gap of {extension}'s winner: {100 * gap:+.1f} points "
               f"(target <= 10: {verdict(gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")

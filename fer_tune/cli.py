@@ -167,7 +167,10 @@ def _train(args) -> None:
 
 
 def _distill(args) -> None:
+    from fer_tune.specfile import load_spec
+
     check_model_exists(args.teacher)
+    load_spec(args.spec, args.set)  # the student's spec, checked before torch loads (distill loads it again)
     from fer_tune.commands.distill import distill
 
     distill(args.teacher, args.spec, args.set, args.out, resume=args.resume, address=args.address)

@@ -3,7 +3,7 @@
     DIR/spec.yaml               the resolved spec          DIR/splits/{train,val,test}.csv, data.json
     DIR/best/config.yaml        the winner, re-runnable    DIR/best/model.pt (.ts, .onnx)
     DIR/report/                 metrics.json, report.md    DIR/tune/, DIR/optuna.db (searches)
-    DIR/wall.json               a search's wall time, piece by piece (each --resume is one)
+    DIR/wall.json               a search's wall time, piece by piece (each run of the command is one)
     DIR/asha.json               a search's ASHA rungs, kept for --resume
     DIR/searches.json           a search's Tune experiments: tune/, and tune_2/... once extended
 
@@ -24,7 +24,7 @@ BEST_DIR = "best"
 SPLITS_DIR = "splits"
 DATA_FILE = "data.json"  # under splits/: tasks, labels and sizes of the prepared data
 REPORT_DIR = "report"
-WALL_FILE = "wall.json"  # a search's pieces (the first run and each --resume): when each began, how long it ran
+WALL_FILE = "wall.json"  # a search's pieces (each run of the command): when each began, how long it ran
 ASHA_FILE = "asha.json"  # a search's ASHA rungs, so that a --resume judges trials against every earlier result
 PARTS_FILE = "searches.json"  # a search's Tune experiments (tune, then tune_2... per --resume that adds trials)
 

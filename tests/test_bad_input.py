@@ -569,7 +569,7 @@ def test_bad_input_in_a_real_process(name, tmp_path):
 @pytest.mark.parametrize("command", [
     ["train", "missing.yaml"], ["run", "missing.yaml"], ["train", "{spec}", "--set", "train.epochs=-1"],
     ["evaluate", "missing"], ["predict", "missing", "face.jpg"], ["export", "missing"],
-    ["distill", "missing", "{spec}"]])
+    ["distill", "missing", "{spec}"], ["distill", "{spec}", "missing.yaml"]])
 def test_a_mistyped_spec_or_model_is_answered_before_torch_or_ray_load(command, tmp_path):
     """The one-line answer to a typo comes from the spec or the path alone: seconds of importing
     torch, timm and Ray would come first otherwise."""

@@ -160,6 +160,14 @@ def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_export
     (tmp_path / "walls.json").write_text(json.dumps({"pretrained": [
         {"started": day + 80_000, "seconds": 10_000.0, "revision": "ccccccc"}]}))
     assert real_data.provenance(tmp_path, "pretrained") == "2025-12-02 to 2025-12-03, fer-tune ccccccc"
+    # an extended copy ran its source's pieces too
+    (tmp_path / "pretrained_24").mkdir()
+    (tmp_path / "pretrained_24" / real_data.EXTENDED_FROM).write_text("pretrained")
+    walls = json.loads((tmp_path / "walls.json").read_text())
+    walls["pretrained_24"] = [{"started": day + 200_000, "seconds": 600.0, "revision": "ddddddd"}]
+    (tmp_path / "walls.json").write_text(json.dumps(walls))
+    assert real_data.provenance(tmp_path, "pretrained_24") == "2025-12-02 to 2025-12-04, fer-tune ccccccc, ddddddd"
+    assert real_data.wall_of(tmp_path, "pretrained_24") == "177 min (2 pieces)"
 
 
 def test_a_rerun_with_another_grace_reuses_random_search_only_when_it_ran_the_same_search(tmp_path):

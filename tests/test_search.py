@@ -423,6 +423,52 @@ def test_extending_a_search_begun_before_asha_json_rebuilds_its_rungs_from_the_t
     assert json.loads((tmp_path / "asha.json").read_text())["rungs"][0][1] == [3.0, {"a": 0.35}]
 
 
+def test_a_moved_or_copied_search_resumes_with_its_own_rungs_and_study_not_the_old_folders(tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from fer_tune.search.run import experiment_folder, make_scheduler, make_searcher
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    spec = load_spec(write_spec(tmp_path / "s.yaml", name="moving", space={"model.dropout": {"uniform": [0.0, 0.4]}},
+                                search={"scheduler": {"grace_period": 1}}))
+    scheduler = make_scheduler(spec, first)
+    tune.Tuner(lambda config: None, tune_config=tune.TuneConfig(metric="best_objective", mode="max",
+                                                                scheduler=scheduler, num_samples=2),
+               run_config=tune.RunConfig(name="tune", storage_path=str(first)))
+    scheduler.set_search_properties("best_objective", "max")
+    scheduler.on_trial_add(None, SimpleNamespace(trial_id="a"))
+    scheduler.on_trial_result(None, SimpleNamespace(trial_id="a"), {"training_iteration": 1, "best_objective": 0.5})
+    searcher = make_searcher(spec, first)
+    searcher.set_search_properties("best_objective", "max", {})
+    searcher.save(str(first / "searcher.pkl"))
+    shutil.copytree(first, moved)
+    (first / "asha.json").unlink()
+
+    with experiment_folder(moved):
+        restored = tune.Tuner.restore(str(moved / "tune"), trainable=lambda config: None)
+        resumed = restored._local_tuner._tune_config.scheduler
+        study = make_searcher(spec, moved)
+        study.restore(str(moved / "searcher.pkl"))
+    assert resumed._state_file == str(moved / "asha.json") and resumed._brackets[0]._rungs[-1][1] == {"a": 0.5}
+    resumed._save()
+    assert not (first / "asha.json").exists()  # the old folder is never written to
+    assert study._storage.url == f"sqlite:///{moved / 'optuna.db'}"
+
+
+def test_a_folder_with_an_earlier_searchs_experiments_but_no_tune_folder_is_refused(tmp_path):
+    from fer_tune.errors import UserError
+    from fer_tune.search.run import search_parts
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", search={"num_samples": 4}))
+    assert search_parts(spec, tmp_path) == [{"name": "tune", "num_samples": 4}]
+    (tmp_path / "final_2").mkdir()
+    with pytest.raises(UserError, match="holds final_2/ of an earlier search but no tune/"):
+        search_parts(spec, tmp_path)
+
+
 def test_each_piece_of_a_search_adds_its_wall_time_and_a_new_search_starts_the_count_again(tmp_path):
     import time
 
@@ -535,14 +581,14 @@ def test_report_and_tensorboard_hparams_cover_every_trial(searched):
 
 
 def test_a_finished_search_extended_with_more_trials_goes_on_from_its_study_and_rungs(tmp_path, capsys):
-    """`--resume` with a larger search.num_samples adds trials to a finished search: TPE learns
-    from the trials before, ASHA judges against their rungs, the final phase runs again over all
+    """`--resume` with a larger search.num_samples adds trials to a finished search: its searcher
+    goes on in the same study (new draws, not the first part's again), ASHA judges against their rungs, the final phase runs again over all
     of them, and the report and best/ are those of the whole search. A smaller budget is refused."""
     spec = write_spec(tmp_path / "s.yaml", name="grow", space={"model.dropout": {"uniform": [0.0, 0.4]}},
                       train={"epochs": 2, "batch_size": 32},
                       search={"num_samples": 2, "finalists": 1, "finalist_seeds": 1, "max_concurrent_trials": 1,
                               "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                              "searcher": {"startup_trials": 2}})
+                              "searcher": {"type": "random", "seed": 0}})
     out = tmp_path / "run"
     assert main(["run", str(spec), "--out", str(out)]) == 0
     first = pd.read_csv(out / "report" / "trials.csv")
@@ -553,12 +599,13 @@ def test_a_finished_search_extended_with_more_trials_goes_on_from_its_study_and_
     assert "a larger search.num_samples alone extends the search, with --resume" in capsys.readouterr().err
     assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "search.num_samples=3"]) == 0
     said = capsys.readouterr().out
-    assert f"extending the search: 1 more trial in {out / 'tune_2'}" in said
+    assert f"extending the search: 1 more trial in {out / 'tune_2'}; random draws go on from the 2 before" in said
 
     parts = json.loads((out / "searches.json").read_text())["parts"]
     assert parts == [{"name": "tune", "num_samples": 2}, {"name": "tune_2", "num_samples": 1}]
     trials = pd.read_csv(out / "report" / "trials.csv")
     assert len(trials) == 3 and set(first["trial_id"]) < set(trials["trial_id"])
+    assert trials["model.dropout"].nunique() == 3  # the new part's random draws are new ones, not the first part's again
     study = optuna.load_study(study_name="grow", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(study.trials) == 3 and [t.params.get("model.dropout") for t in study.trials].count(0.1) == 1
     rungs_after = json.loads((out / "asha.json").read_text())["rungs"]

@@ -48,7 +48,7 @@ from fer_tune.search.cluster import (check_storage, connect_ray, driver_node_res
 from fer_tune.search import finalists
 from fer_tune.search.results import (final_histories, final_outcomes, healthy, read_checkpoint, trial_confusions,
                                      trial_histories, trial_table)
-from fer_tune.search.scheduler import ResumableASHA
+from fer_tune.search.scheduler import EXPERIMENT_DIR, ResumableASHA
 from fer_tune.search.space import SpaceSampler, known_recipes, make_sampler
 from fer_tune.search.trial import METRIC, make_trial, trains_in_trial, trial_holds
 from fer_tune.spec import Spec
@@ -87,6 +87,11 @@ def search_parts(spec: Spec, out: Path) -> list[dict]:
     (DIR/asha.json), and the final phase is run again over all the trials."""
     path = out / PARTS_FILE
     if not (out / "tune").is_dir():
+        stale = sorted(p.name for p in out.glob("tune_*") if p.is_dir()) + sorted(
+            p.name for p in out.glob(f"{FINAL_DIR}*") if p.is_dir())
+        if stale:
+            raise UserError(f"{out} holds {', '.join(f'{n}/' for n in stale)} of an earlier search but no tune/: "
+                            f"remove them, or use another --out")
         parts = []
     elif path.is_file():
         try:
@@ -103,6 +108,32 @@ def search_parts(spec: Spec, out: Path) -> list[dict]:
         parts.append({"name": f"tune_{len(parts) + 1}" if parts else "tune",
                       "num_samples": spec.search.num_samples - planned})
     return parts
+
+
+def describe_extension(spec: Spec, more: int, before: int, tune_dir: Path) -> str:
+    searcher = "random draws go on" if spec.search.searcher.type == "random" else "TPE goes on"
+    sched = spec.search.scheduler
+    rungs = ("; ASHA from their rungs" if sched.type == "asha" else "") + (
+        " (a search begun before fer-tune kept them, with brackets > 1, starts with empty ones)"
+        if sched.type == "asha" and sched.brackets > 1 else "")
+    return (f"{more} more trial{'s' if more > 1 else ''} in {tune_dir}; {searcher} from the {before} "
+            f"before{rungs}")
+
+
+@contextlib.contextmanager
+def experiment_folder(out: Path):
+    """While Tune restores a search (`Tuner.restore`, then `fit()`): the folder it is restored
+    from, for the scheduler and the searcher it unpickles, which were pickled with the paths of
+    the folder the search began in, before a move or a copy (`EXPERIMENT_DIR`)."""
+    before = os.environ.get(EXPERIMENT_DIR)
+    os.environ[EXPERIMENT_DIR] = str(out)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(EXPERIMENT_DIR, None)
+        else:
+            os.environ[EXPERIMENT_DIR] = before
 
 
 def earlier_pieces(out: Path) -> list[dict]:
@@ -169,26 +200,29 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     trial = tune.with_resources(trainable, holds)
     retries = spec.search.max_failures if in_trial else 0  # a TorchTrainer trial's are Train's
     results = []
-    for part in parts:
+    final_name = FINAL_DIR if len(parts) == 1 else f"{FINAL_DIR}_{len(parts)}"  # an extended search's own
+    for index, part in enumerate(parts):
         tune_dir = out / part["name"]
         if tune.Tuner.can_restore(str(tune_dir)):
             print(f"resuming the search in {tune_dir}")
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True, resume_errored=False)
+            with experiment_folder(out):  # Tune unpickles the scheduler and searcher here and in fit()
+                tuner = tune.Tuner.restore(str(tune_dir), trainable=trial, resume_unfinished=True,
+                                           resume_errored=False)
         else:
-            extending = part is not parts[0]
-            if extending:
-                more = part["num_samples"]
-                print(f"extending the search: {more} more trial{'s' if more > 1 else ''} in {tune_dir}, TPE "
-                      f"going on from the {len(results)} before and ASHA from their rungs")
+            if index:
+                if (out / final_name).exists():
+                    raise UserError(f"{out / final_name} is left from an earlier extension of this search, whose "
+                                    f"{tune_dir.name}/ is gone: remove {final_name}/ to extend the search again")
+                print(f"extending the search: {describe_extension(spec, part['num_samples'], len(results), tune_dir)}")
             run_config = tune.RunConfig(name=part["name"], storage_path=storage, verbose=verbose,
                                         failure_config=tune.FailureConfig(max_failures=retries),
                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                         callbacks=[TrialCurves(out / "tensorboard")])
             tuner = tune.Tuner(trial, run_config=run_config, tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", search_alg=make_searcher(spec, out, extending),
-                scheduler=make_scheduler(spec, out, earlier=[out / p["name"] for p in parts[:parts.index(part)]]),
+                metric=METRIC, mode="max", search_alg=make_searcher(spec, out, index),
+                scheduler=make_scheduler(spec, out, earlier=[out / p["name"] for p in parts[:index]]),
                 num_samples=part["num_samples"], max_concurrent_trials=concurrency, reuse_actors=reuse))
-        with ctrl_c_stops_gracefully() as interrupted:
+        with ctrl_c_stops_gracefully() as interrupted, experiment_folder(out):
             part_results = tuner.fit()
         if interrupted or part_results.num_terminated + part_results.num_errors < part["num_samples"]:
             raise SearchInterrupted(f"the search stopped before its {spec.search.num_samples} trials ended "
@@ -202,7 +236,6 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
         raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
     configs = {str(t): dict(r.config or {}) for t, r in zip(trials["trial_id"], results)}
     runs = finalists.plan(spec, trials, configs)
-    final_name = FINAL_DIR if len(parts) == 1 else f"{FINAL_DIR}_{len(parts)}"  # an extended search's own
     final = run_final(spec, out, runs, trainable, holds, retries, concurrency, reuse, verbose, final_name)
     selection = finalists.select(spec, trials, runs, final_outcomes(spec, final, len(runs)) if final else [])
     wall = sum(p["seconds"] for p in earlier) + time.time() - started
@@ -265,7 +298,7 @@ def run_final(spec: Spec, out: Path, runs: list, trainable, holds: dict, retries
     return results
 
 
-def make_searcher(spec: Spec, out: Path, extending: bool = False) -> "StudySearch":
+def make_searcher(spec: Spec, out: Path, part: int = 0) -> "StudySearch":
     """OptunaSearch over the spec's space, its study in DIR/optuna.db, starting with the known recipes.
 
     The recipes (`known_recipes`: the spec's own values, then `search.points`) are enqueued in the
@@ -282,9 +315,9 @@ def make_searcher(spec: Spec, out: Path, extending: bool = False) -> "StudySearc
     problem = spec.own_recipe_problem() if spec.space and spec.search.start_from_spec is not False else None
     if problem:
         print(f"note: the search does not start from your spec's own values: {problem.split(': ', 1)[1]}")
-    if begun and recipes and not extending:
+    if begun and recipes and not part:
         print(f"note: {out / 'optuna.db'} already holds trials of {spec.name}: its known recipes are not queued again")
-    return StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=make_sampler(spec, len(recipes)),
+    return StudySearch(SpaceSampler(spec), metric=METRIC, mode="max", sampler=make_sampler(spec, len(recipes), part),
                        study_name=spec.name, storage=storage,
                        points_to_evaluate=[params for _, params in recipes] if recipes and not begun else None)
 
@@ -306,6 +339,18 @@ class StudySearch(OptunaSearch):
         if os.environ.get(STOPPING):
             return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's restore, then the study of the folder being resumed: the pickled one names the
+        optuna.db of the folder the search began in, which a moved or copied search must not write to."""
+        super().restore(checkpoint_path)
+        folder = os.environ.get(EXPERIMENT_DIR)
+        if folder and isinstance(self._storage, optuna.storages.RDBStorage):
+            here = f"sqlite:///{Path(folder) / 'optuna.db'}"
+            if self._storage.url != here:
+                self._storage = optuna.storages.RDBStorage(here)
+                self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                                   sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
 
 
 @contextlib.contextmanager

@@ -15,12 +15,18 @@ experiment: `fer_tune.search.run.search_parts`) starts from the same rungs.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from fer_tune.io import atomic_write_json
+
+EXPERIMENT_DIR = "FER_TUNE_EXPERIMENT_DIR"
+"""Set in the driver's environment while Tune restores a search (`fer_tune.search.run.experiment_folder`):
+the folder it is restored from. Tune unpickles the scheduler and the searcher itself, with the
+paths of the folder the search began in, which a move or a copy has left behind."""
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
@@ -73,6 +79,8 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def __setstate__(self, pickled: dict) -> None:
         self.__dict__.update(pickled)
+        if os.environ.get(EXPERIMENT_DIR):  # resumed from a folder that may have been moved or copied
+            self._state_file = str(Path(os.environ[EXPERIMENT_DIR]) / Path(self._state_file).name)
         self._load()
 
     def _load(self) -> bool:

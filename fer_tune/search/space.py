@@ -59,16 +59,19 @@ def trial_spec(spec: Spec, config: dict) -> Spec:
     return spec.with_values({spec_path(k): v for k, v in config.items()})
 
 
-def make_sampler(spec: Spec, recipes: int | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: Spec, recipes: int | None = None, part: int = 0) -> optuna.samplers.BaseSampler:
     """The Optuna sampler `search.searcher` names, for a search that runs `recipes` known recipes
     first (default: as many as `known_recipes` finds). Says how many trials TPE chooses, or, when
     the start-up trials the user set leave it none, that the search is a random one; the default
-    (`SearcherSpec.startup`) leaves it most of a search longer than the recipes and 2 random draws."""
+    (`SearcherSpec.startup`) leaves it most of a search longer than the recipes and 2 random draws.
+    Each further `part` of an extended search gets its own seed: the same one would draw the first
+    part's random trials again."""
     import optuna
 
     search, searcher = spec.search, spec.search.searcher
+    seed = searcher.seed + part
     if searcher.type == "random":
-        return optuna.samplers.RandomSampler(seed=searcher.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     recipes = len(known_recipes(spec)) if recipes is None else recipes
     startup = searcher.startup(search.num_samples, recipes)
     if spec.space and startup < search.num_samples:
@@ -80,7 +83,7 @@ def make_sampler(spec: Spec, recipes: int | None = None) -> optuna.samplers.Base
               f"choose the rest")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate, group, constant_liar
-        return optuna.samplers.TPESampler(seed=searcher.seed, n_startup_trials=startup, multivariate=searcher.multivariate,
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=searcher.multivariate,
                                           group=searcher.group, constant_liar=searcher.constant_liar)
 
 
