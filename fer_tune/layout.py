@@ -6,6 +6,7 @@
     DIR/wall.json               a search's wall time, piece by piece (each run of the command is one)
     DIR/asha.json               a search's ASHA rungs, kept for --resume
     DIR/searches.json           a search's Tune experiments: tune/, and tune_2/... once extended
+    DIR/final_runs.json         which runs each final phase trains (an extended one reuses earlier ones)
 
 Every command that takes "a trained model" accepts the experiment folder, its best/ folder or
 the model file itself; `find_model` is the one place that turns such a path into its files.
@@ -27,6 +28,7 @@ REPORT_DIR = "report"
 WALL_FILE = "wall.json"  # a search's pieces (each run of the command): when each began, how long it ran
 ASHA_FILE = "asha.json"  # a search's ASHA rungs, so that a --resume judges trials against every earlier result
 PARTS_FILE = "searches.json"  # a search's Tune experiments (tune, then tune_2... per --resume that adds trials)
+FINAL_RUNS_FILE = "final_runs.json"  # per final phase, the (trial, seed) runs it trains, in its own order
 
 
 def check_model_exists(path: Path) -> Path:

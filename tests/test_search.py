@@ -612,8 +612,14 @@ def test_a_finished_search_extended_with_more_trials_goes_on_from_its_study_and_
     for (milestone, before), (same, after) in zip(rungs_before[0], rungs_after[0]):
         assert milestone == same and before.items() <= after.items()  # the new trials met the old rungs
     assert len(rungs_after[0][-1][1]) == 3
+    # the final phase over all 3 trials trains only what the first one did not (your recipe's seed is among those)
+    assert "already trained by the search's earlier final phase(s)" in said
+    record = {name: {tuple(run) for run in runs}
+              for name, runs in json.loads((out / "final_runs.json").read_text()).items()}
+    assert record["final"] and not record["final"] & record["final_2"]
+    assert (out / "final_2").is_dir() == bool(record["final_2"])
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert metrics["trials"] == 3 and (out / "final_2").is_dir()
+    assert metrics["trials"] == 3 and all(f["runs"] >= 2 for f in metrics["finalists"])
     assert metrics["best_trial"] in set(trials["trial_id"])
     assert "Search: 3 trials" in (out / "report" / "report.md").read_text()
 

@@ -39,7 +39,7 @@ from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import compare_on_test, evaluate_on_test, format_test
 from fer_tune.errors import SearchInterrupted, UserError, one_line
 from fer_tune.io import atomic_write_json, atomic_write_text, check_writable, folder_lock
-from fer_tune.layout import ASHA_FILE, PARTS_FILE, WALL_FILE
+from fer_tune.layout import ASHA_FILE, FINAL_RUNS_FILE, PARTS_FILE, WALL_FILE
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
@@ -199,8 +199,8 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     holds = trial_holds(spec.resources, use_gpu, in_trial, driver_node_resource())
     trial = tune.with_resources(trainable, holds)
     retries = spec.search.max_failures if in_trial else 0  # a TorchTrainer trial's are Train's
-    results = []
-    final_name = FINAL_DIR if len(parts) == 1 else f"{FINAL_DIR}_{len(parts)}"  # an extended search's own
+    results, sizes = [], []
+    final_name = final_dir_name(len(parts))
     for index, part in enumerate(parts):
         tune_dir = out / part["name"]
         if tune.Tuner.can_restore(str(tune_dir)):
@@ -229,6 +229,7 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
                                     f"({'interrupted; ' if interrupted else ''}finished trials and the running "
                                     f"ones' checkpoints are kept): resume with the same command plus --resume --out {out}")
         results += [part_results[i] for i in range(len(part_results))]
+        sizes.append(len(results))
     trials = trial_table(spec, results)
     atomic_write_text(out / "report" / "trials.csv", trials.to_csv(index=False))
     if healthy(trials).empty:
@@ -236,10 +237,77 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
         raise UserError(f"every trial failed ({len(trials)} of {len(trials)}); first errors: {reasons}")
     configs = {str(t): dict(r.config or {}) for t, r in zip(trials["trial_id"], results)}
     runs = finalists.plan(spec, trials, configs)
-    final = run_final(spec, out, runs, trainable, holds, retries, concurrency, reuse, verbose, final_name)
-    selection = finalists.select(spec, trials, runs, final_outcomes(spec, final, len(runs)) if final else [])
+    done = earlier_final_runs(spec, out, trials, configs, sizes)
+    todo = final_phase_runs(out, final_name, runs, done)
+    if len(todo) < len(runs):
+        print(f"final phase: {len(runs) - len(todo)} of its {len(runs)} runs already trained by the search's earlier "
+              f"final phase(s); {len(todo)} to train")
+    final = run_final(spec, out, todo, trainable, holds, retries, concurrency, reuse, verbose, final_name)
+    trained = dict(zip([(r.trial_id, r.seed) for r in todo], runs_in_plan_order(spec, final, len(todo))))
+    failed = ({"run_id": "", "objective": math.nan, "checkpoint": ""}, None)
+    final_runs = [{**done, **trained}.get((r.trial_id, r.seed), failed) for r in runs]
+    selection = finalists.select(spec, trials, runs, [outcome for outcome, _ in final_runs])
     wall = sum(p["seconds"] for p in earlier) + time.time() - started
-    return finish(spec, out, trials, results, final, runs, selection, prepared, wall, pieces=len(earlier) + 1)
+    final_results = [result for _, result in final_runs if result is not None]
+    return finish(spec, out, trials, results, final_results or None, runs, selection, prepared, wall,
+                  pieces=len(earlier) + 1)
+
+
+def runs_in_plan_order(spec: Spec, results, runs: int) -> list[tuple[dict, object]]:
+    """(outcome, Tune result) of each final run, in the order of the plan (`final_run` in each
+    result's config), whatever order Tune lists them in; no runs, no results."""
+    if results is None:
+        return []
+    outcomes = final_outcomes(spec, results, runs)
+    by_index = {int((r.config or {}).get("final_run", -1)): r for r in results}
+    return [(outcome, by_index.get(index)) for index, outcome in enumerate(outcomes)]
+
+
+def final_phase_runs(out: Path, name: str, runs: list, done: dict) -> list:
+    """The runs the final phase `name` trains, in the order its Tune experiment numbers them: those
+    of `runs` no earlier phase trained (recorded in DIR/final_runs.json when it begins, so a resume
+    gets the same list); all of `runs` for a phase begun before fer-tune reused earlier ones."""
+    path = out / FINAL_RUNS_FILE
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        record = {}  # unreadable: a phase not yet begun plans afresh; one begun trains all its runs
+    by_key = {(r.trial_id, r.seed): r for r in runs}
+    if name in record and all((t, s) in by_key for t, s in record[name]):
+        return [by_key[(t, s)] for t, s in record[name]]
+    if (out / name).is_dir():
+        return list(runs)
+    todo = [run for run in runs if (run.trial_id, run.seed) not in done]
+    atomic_write_json(path, {**record, name: [[r.trial_id, r.seed] for r in todo]})
+    return todo
+
+
+def final_dir_name(parts: int) -> str:
+    """The final phase's Tune experiment of a search made of `parts` parts: DIR/final, then an
+    extended search's own (DIR/final_2, ...), over all its trials."""
+    return FINAL_DIR if parts == 1 else f"{FINAL_DIR}_{parts}"
+
+
+def earlier_final_runs(spec: Spec, out: Path, trials: pd.DataFrame, configs: dict, sizes: list[int]) -> dict:
+    """The full-budget runs an extended search's earlier final phases trained, by (trial, seed):
+    (outcome, result). Each earlier phase's plan is made again from the trials it had (the first
+    `sizes[k - 1]` of them), so its runs are known without a record of their own."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    done = {}
+    for k in range(1, len(sizes)):
+        folder = out / final_dir_name(k)
+        if not folder.is_dir():
+            continue
+        try:
+            results = ResultGrid(ExperimentAnalysis(str(folder)))
+        except Exception:  # noqa: BLE001 - an unreadable earlier phase only costs its runs again
+            continue
+        planned = finalists.plan(spec, trials.iloc[:sizes[k - 1]], configs)
+        for run, (outcome, result) in zip(planned, runs_in_plan_order(spec, results, len(planned))):
+            if outcome["checkpoint"] and math.isfinite(outcome["objective"]) and result is not None:
+                done[(run.trial_id, run.seed)] = (outcome, result)
+    return done
 
 
 def make_scheduler(spec: Spec, out: Path, earlier: list[Path] = ()):
