@@ -3,6 +3,7 @@
 import json
 import os
 import math
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -467,6 +468,48 @@ def test_a_folder_with_an_earlier_searchs_experiments_but_no_tune_folder_is_refu
     (tmp_path / "final_2").mkdir()
     with pytest.raises(UserError, match="holds final_2/ of an earlier search but no tune/"):
         search_parts(spec, tmp_path)
+
+
+def test_each_final_phase_of_a_search_extended_twice_reuses_the_runs_it_already_has(tmp_path, monkeypatch):
+    """Three parts, three final phases: each later phase trains only new (trial, seed) runs, and
+    reads every earlier run back as the run it was (Tune numbers a phase's runs by its own list)."""
+    from types import SimpleNamespace
+
+    import ray.tune
+
+    from fer_tune.search import finalists
+    from fer_tune.search.run import earlier_final_runs, final_dir_name, final_phase_runs
+    from fer_tune.spec import validate_spec
+
+    spec = validate_spec({"train": {"seed": 7}, "search": {"num_samples": 5, "finalists": 2, "finalist_seeds": 1}})
+
+    def row(trial, objective, recipe=""):
+        return {"trial_id": trial, "recipe": recipe, "stop_reason": "stopped by ASHA", "best_objective": objective,
+                "checkpoint": f"/ck/{trial}", "epochs": 2}
+
+    # a and b lead after part 1; c joins them after part 2 (ahead of b), so each phase has new runs
+    trials = pd.DataFrame([row("a", .9), row("b", .8), row("y", .5, "your spec"), row("c", .85), row("e", .1)])
+    configs = {t: {"x": i} for i, t in enumerate("abyce")}
+    sizes, phases = [3, 4, 5], {}
+    monkeypatch.setattr(ray.tune, "ExperimentAnalysis", lambda folder: Path(folder).name)
+    monkeypatch.setattr(ray.tune, "ResultGrid", lambda name: phases[name])
+    for k in (1, 2, 3):
+        name, known = final_dir_name(k), trials.iloc[:sizes[k - 1]]
+        runs = finalists.plan(spec, known, configs)
+        done = earlier_final_runs(spec, tmp_path, known, configs, sizes[:k])
+        for (trial, seed), (outcome, _) in done.items():  # every run read back as itself
+            assert outcome["run_id"].endswith(f"-{trial}{seed}"), (name, trial, seed, outcome)
+        todo = final_phase_runs(tmp_path, name, runs, done)
+        assert not {(r.trial_id, r.seed) for r in todo} & set(done)
+        assert {(r.trial_id, r.seed) for r in todo} | set(done) >= {(r.trial_id, r.seed) for r in runs}
+        assert final_phase_runs(tmp_path, name, runs, done) == todo  # before it begins: planned again alike
+        (tmp_path / name).mkdir()
+        assert final_phase_runs(tmp_path, name, runs, {}) == todo  # begun: the same list, whatever is done now
+        phases[name] = [SimpleNamespace(config={"final_run": i}, error=None, checkpoint=None, metrics={
+            "finished": True, "best_objective": 0.5, "checkpoint_path": f"/{name}/{r.trial_id}{r.seed}",
+            "trial_id": f"{name}-{r.trial_id}{r.seed}"}) for i, r in enumerate(todo)]
+        if k == 2:
+            assert [(r.trial_id, r.seed) for r in todo] == [("c", 7), ("c", 8)]
 
 
 def test_each_piece_of_a_search_adds_its_wall_time_and_a_new_search_starts_the_count_again(tmp_path):

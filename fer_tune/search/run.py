@@ -245,7 +245,8 @@ def _search(spec: Spec, out: Path, resume: bool, address: Optional[str], verbose
     final = run_final(spec, out, todo, trainable, holds, retries, concurrency, reuse, verbose, final_name)
     trained = dict(zip([(r.trial_id, r.seed) for r in todo], runs_in_plan_order(spec, final, len(todo))))
     failed = ({"run_id": "", "objective": math.nan, "checkpoint": ""}, None)
-    final_runs = [{**done, **trained}.get((r.trial_id, r.seed), failed) for r in runs]
+    best = {**done, **{key: run for key, run in trained.items() if trained_well(run[0]) or key not in done}}
+    final_runs = [best.get((r.trial_id, r.seed), failed) for r in runs]
     selection = finalists.select(spec, trials, runs, [outcome for outcome, _ in final_runs])
     wall = sum(p["seconds"] for p in earlier) + time.time() - started
     final_results = [result for _, result in final_runs if result is not None]
@@ -265,21 +266,33 @@ def runs_in_plan_order(spec: Spec, results, runs: int) -> list[tuple[dict, objec
 
 def final_phase_runs(out: Path, name: str, runs: list, done: dict) -> list:
     """The runs the final phase `name` trains, in the order its Tune experiment numbers them: those
-    of `runs` no earlier phase trained (recorded in DIR/final_runs.json when it begins, so a resume
-    gets the same list); all of `runs` for a phase begun before fer-tune reused earlier ones."""
-    path = out / FINAL_RUNS_FILE
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        record = {}  # unreadable: a phase not yet begun plans afresh; one begun trains all its runs
+    of `runs` no earlier phase trained, recorded in DIR/final_runs.json when the phase begins so a
+    resume gets the same list; all of `runs` for a phase begun before fer-tune reused earlier ones."""
+    record = final_runs_record(out)
     by_key = {(r.trial_id, r.seed): r for r in runs}
-    if name in record and all((t, s) in by_key for t, s in record[name]):
-        return [by_key[(t, s)] for t, s in record[name]]
-    if (out / name).is_dir():
-        return list(runs)
+    if (out / name).is_dir():  # begun: the runs it began with
+        if name not in record:
+            return list(runs)
+        if not all(key in by_key for key in record[name]):
+            raise UserError(f"{out / name}: the runs it began with ({out / FINAL_RUNS_FILE}) are no longer this "
+                            f"search's finalists; remove {name}/ to run the final phase again")
+        return [by_key[key] for key in record[name]]
     todo = [run for run in runs if (run.trial_id, run.seed) not in done]
-    atomic_write_json(path, {**record, name: [[r.trial_id, r.seed] for r in todo]})
+    atomic_write_json(out / FINAL_RUNS_FILE, {**record, name: [[r.trial_id, r.seed] for r in todo]})
     return todo
+
+
+def final_runs_record(out: Path) -> dict[str, list]:
+    """DIR/final_runs.json: per final phase, its (trial, seed) runs in its Tune experiment's order."""
+    path = out / FINAL_RUNS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        return {str(k): [(str(t), int(seed)) for t, seed in v] for k, v in record.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise UserError(f"{path}: unreadable; it says which runs each final phase trains. Restore it, or remove "
+                        f"it with the final phase folders it describes (final*/) to run them again") from None
 
 
 def final_dir_name(parts: int) -> str:
@@ -290,24 +303,34 @@ def final_dir_name(parts: int) -> str:
 
 def earlier_final_runs(spec: Spec, out: Path, trials: pd.DataFrame, configs: dict, sizes: list[int]) -> dict:
     """The full-budget runs an extended search's earlier final phases trained, by (trial, seed):
-    (outcome, result). Each earlier phase's plan is made again from the trials it had (the first
-    `sizes[k - 1]` of them), so its runs are known without a record of their own."""
+    (outcome, result). Which run each Tune result is comes from DIR/final_runs.json; a phase begun
+    before that record existed trained its whole plan, made again here from the trials it had
+    (the first `sizes[k - 1]`), and is skipped if that plan does not fit its results."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
+    record = final_runs_record(out)
     done = {}
     for k in range(1, len(sizes)):
-        folder = out / final_dir_name(k)
-        if not folder.is_dir():
+        name = final_dir_name(k)
+        if not (out / name).is_dir():
             continue
         try:
-            results = ResultGrid(ExperimentAnalysis(str(folder)))
+            results = ResultGrid(ExperimentAnalysis(str(out / name)))
+            keys = record.get(name) or [(r.trial_id, r.seed) for r in
+                                        finalists.plan(spec, trials.iloc[:sizes[k - 1]], configs)]
+            if name not in record and len(keys) != len(results):
+                continue
+            pairs = runs_in_plan_order(spec, results, len(keys))
         except Exception:  # noqa: BLE001 - an unreadable earlier phase only costs its runs again
             continue
-        planned = finalists.plan(spec, trials.iloc[:sizes[k - 1]], configs)
-        for run, (outcome, result) in zip(planned, runs_in_plan_order(spec, results, len(planned))):
-            if outcome["checkpoint"] and math.isfinite(outcome["objective"]) and result is not None:
-                done[(run.trial_id, run.seed)] = (outcome, result)
+        for key, (outcome, result) in zip(keys, pairs):
+            if trained_well(outcome) and result is not None:
+                done[key] = (outcome, result)
     return done
+
+
+def trained_well(outcome: dict) -> bool:
+    return bool(outcome["checkpoint"]) and math.isfinite(outcome["objective"])
 
 
 def make_scheduler(spec: Spec, out: Path, earlier: list[Path] = ()):
