@@ -343,7 +343,7 @@ def make_scheduler(spec: Spec, out: Path, earlier: list[Path] = ()):
     sched = spec.search.scheduler
     if sched.type != "asha":
         return FIFOScheduler()
-    return ResumableASHA(out / ASHA_FILE, keep_rungs=bool(earlier), earlier=tuple(earlier),
+    return ResumableASHA(out / ASHA_FILE, earlier=tuple(earlier),
                          time_attr="training_iteration", max_t=sched.max_t or spec.train.epochs,
                          grace_period=sched.grace(spec.train.epochs), reduction_factor=sched.reduction_factor,
                          brackets=sched.brackets)

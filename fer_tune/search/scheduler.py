@@ -30,16 +30,16 @@ paths of the folder the search began in, which a move or a copy has left behind.
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    def __init__(self, state_file: Path, keep_rungs: bool = False, earlier: tuple[Path, ...] = (), **asha):
+    def __init__(self, state_file: Path, earlier: tuple[Path, ...] = (), **asha):
         """For a new Tune experiment only (a resumed one is unpickled). A new search's empty rungs
-        replace any an earlier search left in `state_file`; an extension of the search
-        (`keep_rungs`) starts from the rungs there, or, for a search begun before fer-tune kept
-        them, from what its `earlier` Tune experiments' trials reported (one bracket only: which
+        replace any an earlier search left in `state_file`; an extension of the search (its
+        `earlier` Tune experiments given) starts from the rungs there, or, for a search begun before
+        fer-tune kept them, from what those experiments' trials reported (one bracket only: which
         bracket a trial was in is not in its results)."""
         super().__init__(**asha)
         self._state_file = str(state_file)
         self._saved_bracket: dict[str, int] = {}
-        rebuild = keep_rungs and not self._load() and len(self._brackets) == 1
+        rebuild = bool(earlier) and not self._load() and len(self._brackets) == 1
         self._rebuild_from = [str(d) for d in earlier] if rebuild else []  # once Tune names the metric
         self._save()
 
