@@ -254,7 +254,8 @@ def config_of(experiment: Path) -> dict:
 def val_objective(experiment: Path) -> float:
     from fer_tune.specfile import read_spec
 
-    return read_spec(experiment / "spec.yaml").search.score(metrics_of(experiment).get("val", {}))
+    metrics = metrics_of(experiment)
+    return read_spec(experiment / "spec.yaml").search.score(metrics.get("val", {}), metrics.get("train_accuracy"))
 
 
 def with_ci(metrics: dict, key: str) -> str:

@@ -376,3 +376,25 @@ def test_on_a_gpu_the_step_compiles_and_runs_channels_last(tmp_path):
     assert metrics["epochs_run"] == 2 and 0 <= metrics["expression"]["accuracy"] <= 1
     state = torch.load(tmp_path / "run" / "best" / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)  # exported under the plain network's names
+
+
+def test_the_gap_penalty_is_in_every_epochs_objective_and_chooses_the_kept_epoch(tmp_path):
+    """ASHA, the kept epoch and the finalists all read the epoch's objective: the price is paid there."""
+    from fer_tune.data.prepare import prepare_data
+
+    raw = {"name": "gap", "data": {"source": "synthetic", "image_size": 32, "synthetic": {"n": 160, "identities": 40},
+                                   "split": {"val": 24, "test": 8}},
+           "model": {"backbone": "test_resnet", "dropout": 0.0},
+           "train": {"epochs": 4, "batch_size": 16, "lr": 1e-2, "warmup_epochs": 0},
+           "search": {"objective": {"expression_accuracy": 1.0},
+                      "gap_penalty": {"allowed": 0.0, "weight": 5.0}}}
+    spec = validate_spec(raw)
+    prepared = prepare_data(spec.data, tmp_path)
+    train, val = prepared.load("train", False), prepared.load("val", False)
+    result = fit(spec, train, val, prepared.labels, lambda metrics, checkpoint: None)
+    for epoch in result.history:
+        gap = max(0.0, epoch["train_accuracy"] - epoch["val_expression_accuracy"])
+        assert epoch["objective"] == pytest.approx(epoch["val_expression_accuracy"] - 5.0 * gap)
+    assert any(e["train_accuracy"] > e["val_expression_accuracy"] for e in result.history)  # the price was paid
+    kept = max(result.history, key=lambda e: e["objective"])
+    assert result.history[-1]["best_epoch"] == kept["epoch"]

@@ -100,6 +100,20 @@ def test_objective_drops_missing_tasks():
     assert search.score({"expression_f1": 0.5}) == pytest.approx(0.5)
 
 
+def test_gap_penalty_prices_only_the_gap_above_what_is_allowed():
+    search = validate_spec({"search": {"objective": {"expression_accuracy": 1.0},
+                                       "gap_penalty": {"allowed": 0.10, "weight": 2.0}}}).search
+    val = {"expression_accuracy": 0.50}
+    assert search.score(val, train_accuracy=0.55) == pytest.approx(0.50)  # a 5-point gap is free
+    assert search.score(val, train_accuracy=0.75) == pytest.approx(0.50 - 2.0 * 0.15)
+    assert search.score(val, train_accuracy=0.30) == pytest.approx(0.50)  # val above train costs nothing
+    assert search.score(val) == pytest.approx(0.50)  # no train accuracy known: nothing to price
+    unlabelled = validate_spec({"search": {"gap_penalty": {}}}).search  # data without expression labels
+    assert unlabelled.score({"valence_ccc": 0.2}, train_accuracy=0.9) == pytest.approx(0.2)
+    plain = validate_spec({"search": {"objective": {"expression_accuracy": 1.0}}}).search
+    assert plain.score(val, train_accuracy=0.99) == pytest.approx(0.50)  # off by default
+
+
 def test_cli_exits_2_with_one_line_and_no_traceback(tiny_spec):
     result = subprocess.run([sys.executable, "-m", "fer_tune.cli", "train", str(tiny_spec), "--set", "train.epochs=-1"],
                             capture_output=True, text=True, timeout=120)

@@ -203,7 +203,7 @@ def fit(spec, train_split, val_split, labels: list[int], report: Report,
                                    f"(lr {scheduler.get_last_lr()[0]:.3g})")
         val = compute_metrics(val_split.targets(), preds, labels=labels)
         val_flat = flat_metrics(val, prefix="val_")
-        objective = spec.search.score(flat_metrics(val))
+        objective = spec.search.score(flat_metrics(val), train_accuracy)
         val_loss = validation_loss(preds, val_split.targets(), spec.loss, labels)
 
         # --- keep the best epoch, stop early -----------------------------------------------

@@ -189,7 +189,12 @@ def known_recipe_lines(exp: Experiment) -> list[str]:
 
 
 def objective_text(spec: Spec) -> str:
-    return " + ".join(f"{w:g}·{name}" for name, w in spec.search.objective.items()) + ", normalised by the weights"
+    text = " + ".join(f"{w:g}·{name}" for name, w in spec.search.objective.items()) + ", normalised by the weights"
+    penalty = spec.search.gap_penalty
+    if penalty is not None:
+        text += (f", less {penalty.weight:g} × the train − val accuracy gap above "
+                 f"{100 * penalty.allowed:g} points")
+    return text
 
 
 def best_values_table(exp: Experiment) -> list[str]:
