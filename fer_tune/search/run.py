@@ -121,19 +121,24 @@ def describe_extension(spec: Spec, more: int, before: int, tune_dir: Path) -> st
 
 
 @contextlib.contextmanager
-def experiment_folder(out: Path):
-    """While Tune restores a search (`Tuner.restore`, then `fit()`): the folder it is restored
-    from, for the scheduler and the searcher it unpickles, which were pickled with the paths of
-    the folder the search began in, before a move or a copy (`EXPERIMENT_DIR`)."""
-    before = os.environ.get(EXPERIMENT_DIR)
-    os.environ[EXPERIMENT_DIR] = str(out)
+def environment_variable(name: str, value: str):
+    """`name=value` in this process's environment for the block, then as it was before."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(EXPERIMENT_DIR, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[EXPERIMENT_DIR] = before
+            os.environ[name] = before
+
+
+def experiment_folder(out: Path):
+    """While Tune restores a search (`Tuner.restore`, then `fit()`): the folder it is restored
+    from, for the scheduler and the searcher it unpickles, which were pickled with the paths of
+    the folder the search began in, before a move or a copy (`EXPERIMENT_DIR`)."""
+    return environment_variable(EXPERIMENT_DIR, str(out))
 
 
 def earlier_pieces(out: Path) -> list[dict]:
@@ -471,17 +476,12 @@ def ctrl_c_stops_gracefully():
         os.kill(os.getpid(), signal.SIGUSR1)
 
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    previous_setting = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        yield interrupted
+        with environment_variable("TUNE_DISABLE_SIGINT_HANDLER", "1"):
+            yield interrupted
     finally:
         os.environ.pop(STOPPING, None)
         signal.signal(signal.SIGINT, previous_handler)
-        if previous_setting is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_setting
 
 
 def finish(spec: Spec, out: Path, trials, results, final, runs: list, selection, prepared, wall: float,
