@@ -37,6 +37,10 @@ SEARCH_N (`fer-tune run --resume --set search.num_samples=N`: the extra trials g
 Optuna study and ASHA rungs, and its final phase runs again over all of them). The extended
 winner gets the same tests and its own P4 and P6 lines; the search it extends stays as it was.
 
+`--variant NAME SEARCH KEY=VALUE...` runs the search SEARCH again as NAME with those spec values
+changed (e.g. `--variant pretrained_gap pretrained "search.gap_penalty={allowed: 0.1, weight: 1.0}"`),
+side by side with it on the same data and budget, with its own P4 and P6 lines.
+
 Finished experiments in --work are reused (an interrupted search resumes with `--resume`), so
 the benchmark runs in pieces across sessions; each piece's wall time is kept in
 --work/walls.json and the table adds them up. `--export DIR` writes each P4/P5 winner's complete
@@ -185,6 +189,19 @@ def parse_extension(text: str) -> tuple[str, int]:
     return name, int(samples)
 
 
+def parse_variant(words: list[str]) -> tuple[str, str, list[str]]:
+    """--variant NAME SEARCH KEY=VALUE...: a search run again under another name with changed values."""
+    if len(words) < 3 or any("=" not in w for w in words[2:]) or "=" in words[0] or "=" in words[1]:
+        raise ValueError(f"--variant {' '.join(words)}: expected NAME SEARCH KEY=VALUE..., e.g. "
+                         f"--variant pretrained_gap pretrained 'search.gap_penalty={{allowed: 0.1}}'")
+    name, search, sets = words[0], words[1], words[2:]
+    taken = {n for main, _, backbones, others in ARMS.values()
+             for n in [main, *others, *(f"{main}_{b}" for b in backbones)]}
+    if name == search or name in taken or name.startswith("recipe_"):
+        raise ValueError(f"--variant {name}: the name of a search it would overwrite; give it a new one")
+    return name, search, sets
+
+
 def extended_name(name: str, samples: int) -> str:
     return f"{name}_{samples}"
 
@@ -309,11 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=Path, help="write each P4/P5 winner's config as EXPORT/<experiment>.yaml")
     parser.add_argument("--extend", action="append", default=[], type=parse_extension, metavar="SEARCH=N",
                         help="after the arms, a copy SEARCH_N of a finished search given N trials in all (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], nargs="+", type=str,
+                        metavar=("NAME SEARCH", "KEY=VALUE"),
+                        help="after the arms, search SEARCH again as NAME with these spec values (repeatable)")
     parser.add_argument("--smoke", action="store_true",
                         help="synthetic faces, tiny backbones, 2 epochs, 2 trials, temporary --work")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: the table of what has finished in --work and the targets it decides")
     args = parser.parse_args(argv)
+    try:
+        args.variant = [parse_variant(v) for v in args.variant]
+    except ValueError as err:
+        parser.error(str(err))
 
     from fer_tune.specfile import load_spec
 
@@ -415,6 +439,16 @@ def run_all(bench: Bench) -> None:
             bench.second_test(extended_name(name, samples))
             if bench.args.export:
                 export_winners(bench)
+    for name, search, sets in bench.args.variant:
+        spec_name, search_sets = searches_of(bench, arm_of(search)).get(search, (None, []))
+        if spec_name is None:
+            print(f"{name}: not yet ({search} is not a search of {arm_of(search)} that can run now)",
+                  file=sys.stderr, flush=True)
+            continue
+        bench.search(name, spec_name, [*search_sets, *sets])
+        bench.second_test(name)
+        if bench.args.export:
+            export_winners(bench)
 
 
 def export_winners(bench: Bench) -> None:
@@ -424,6 +458,7 @@ def export_winners(bench: Bench) -> None:
     # an extended copy holds its source's best/ until its own search has ended
     searches += [(arm_of(name), extended_name(name, n)) for name, n in bench.args.extend
                  if metrics_of(bench.work / extended_name(name, n)).get("trials") == n]
+    searches += [(arm_of(search), name) for name, search, _ in bench.args.variant]
     for arm, name in searches:
         best = bench.work / name / "best" / "config.yaml"
         if not best.is_file():
@@ -449,8 +484,9 @@ def summarize(bench: Bench) -> None:
     work, names = bench.work, bench.names
     rows, finished = [], {}
     extended = [extended_name(n, k) for n, k in bench.args.extend]
+    variants = [name for name, _, _ in bench.args.variant]
     candidates = [f"recipe_{b}" for b in RECIPES] + [n for arm in ARM_ORDER for n in searches_of(bench, arm)]
-    for name in [*candidates, *extended]:
+    for name in [*candidates, *extended, *variants]:
         m = metrics_of(work / name)
         if not m:
             continue
@@ -511,17 +547,20 @@ def summarize(bench: Bench) -> None:
                   f"(target <= 10: {verdict(gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
 
 
-    for (name, samples), extension in zip(bench.args.extend, extended):
-        label = f"[{arm_of(name)}, {name} extended to {samples} trials]"
-        if extension not in finished or any(r not in finished for r in recipes):
+    further = [(f"[{arm_of(name)}, {name} extended to {samples} trials]", extension)
+               for (name, samples), extension in zip(bench.args.extend, extended)]
+    further += [(f"[{arm_of(search)}, {name}: {search} with {', '.join(sets)}]", name)
+                for name, search, sets in bench.args.variant]
+    for label, name in further:
+        if name not in finished or any(r not in finished for r in recipes):
             print(f"P4 {label}: not measured yet{smoke}")
             continue
-        print_p4(work, label, extension, finished, recipes, smoke)
-        if finished[extension].get("train_accuracy") is None:
+        print_p4(work, label, name, finished, recipes, smoke)
+        if finished[name].get("train_accuracy") is None:
             print(f"P6 {label} train - test gap of the winner: not measured{smoke}")
             continue
-        gap = finished[extension]["train_accuracy"] - finished[extension]["expression"]["accuracy"]
-        print(f"P6 {label} train - test gap of {extension}'s winner: {100 * gap:+.1f} points "
+        gap = finished[name]["train_accuracy"] - finished[name]["expression"]["accuracy"]
+        print(f"P6 {label} train - test gap of {name}'s winner: {100 * gap:+.1f} points "
               f"(target <= 10: {verdict(gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
 
 

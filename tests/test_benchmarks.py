@@ -134,6 +134,23 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
         with pytest.raises(SystemExit):
             real_data.main(["--table-only", "--work", str(tmp_path), "--extend", bad])
 
+    # a search run again with changed values (--variant) gets its own row and lines beside it
+    variant = ["--variant", "pretrained_gap", "pretrained", "search.gap_penalty={allowed: 0.1}"]
+    assert real_data.main(["--table-only", "--work", str(tmp_path), *variant]) == 0
+    assert ("P4 [imagenet, pretrained_gap: pretrained with search.gap_penalty={allowed: 0.1}]: not measured yet"
+            in capsys.readouterr().out)
+    fake_experiment(tmp_path, "pretrained_gap", "mobilenetv2_100", 55, 0.60, 0.50, 150, pretrained="imagenet")
+    assert real_data.main(["--table-only", "--work", str(tmp_path), *variant]) == 0
+    printed = capsys.readouterr().out
+    assert "| pretrained_gap | mobilenetv2_100 | imagenet | 0.550 [0.500, 0.600] |" in printed
+    assert "pretrained_gap - recipe_resnet50 on the test (100 faces): +15.0 points [+" in printed
+    assert "train - test gap of pretrained_gap's winner: +5.0 points (target <= 10: met)" in printed
+    assert "P4 [imagenet] pretrained - recipe_resnet50 on the test (100 faces): +20.0 points [+" in printed
+    for bad in (["pretrained_gap", "pretrained"], ["pretrained", "pretrained", "train.lr=0.1"],
+                ["pretrained_tf_efficientnet_lite0", "pretrained", "train.lr=0.1"], ["x", "pretrained", "lr"]):
+        with pytest.raises(SystemExit):
+            real_data.main(["--table-only", "--work", str(tmp_path), "--variant", *bad])
+
 
 def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_exporting_one(tmp_path):
     import argparse
