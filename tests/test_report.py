@@ -14,7 +14,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fer_tune.cli import main
-from fer_tune.report.markdown import with_ci
+from fer_tune.report.markdown import objective_text, with_ci
+from fer_tune.spec import validate_spec
 from fer_tune.report.tensorboard import hparam_value
 
 from conftest import write_spec
@@ -132,3 +133,11 @@ def test_report_of_data_without_valence_arousal_says_so(tmp_path):
 def test_hparam_values_become_types_the_plugin_accepts(value, expected):
     converted = hparam_value(value)
     assert converted == expected and type(converted) is type(expected)
+
+
+def test_the_report_names_the_gap_penalty_when_the_objective_pays_it():
+    plain = validate_spec({"search": {"objective": {"expression_f1": 1.0}}})
+    priced = validate_spec({"search": {"objective": {"expression_f1": 1.0},
+                                       "gap_penalty": {"allowed": 0.05, "weight": 2.0}}})
+    assert objective_text(plain) == "1·expression_f1, normalised by the weights"
+    assert objective_text(priced).endswith("less 2 × the train − val accuracy gap above 5 points")
