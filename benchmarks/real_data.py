@@ -55,6 +55,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -195,11 +196,35 @@ def parse_variant(words: list[str]) -> tuple[str, str, list[str]]:
         raise ValueError(f"--variant {' '.join(words)}: expected NAME SEARCH KEY=VALUE..., e.g. "
                          f"--variant pretrained_gap pretrained 'search.gap_penalty={{allowed: 0.1}}'")
     name, search, sets = words[0], words[1], words[2:]
-    taken = {n for main, _, backbones, others in ARMS.values()
-             for n in [main, *others, *(f"{main}_{b}" for b in backbones)]}
-    if name == search or name in taken or name.startswith("recipe_"):
-        raise ValueError(f"--variant {name}: the name of a search it would overwrite; give it a new one")
+    searches = {n for main, _, backbones, others in ARMS.values()
+                for n in [main, *others, *(f"{main}_{b}" for b in backbones)]}
+    if search not in searches:
+        raise ValueError(f"--variant {name} {search}: no such search; one of {', '.join(sorted(searches))}")
+    if (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in searches or name.startswith("recipe_")
+            or name.endswith("_second_test") or name == "walls.json"):
+        raise ValueError(f"--variant {name}: not a new experiment's name (letters, digits, _ . -, and not a "
+                         f"search, recipe or second test of this benchmark)")
     return name, search, sets
+
+
+def check_names(variants: list[tuple[str, str, list[str]]], extensions: list[tuple[str, int]]) -> None:
+    """Each experiment a run adds has a folder of its own."""
+    names = [name for name, _, _ in variants]
+    taken = {extended_name(n, k) for n, k in extensions}
+    clash = sorted({n for n in names if names.count(n) > 1 or n in taken})
+    if clash:
+        raise ValueError(f"--variant {clash[0]}: given twice, or the folder of an --extend")
+
+
+def variant_differs(folder: Path, sets: list[str]) -> bool:
+    """Whether the variant's folder holds a search begun with other values than `sets`: a finished
+    one is reused, so its results would be shown under values it did not run with."""
+    from fer_tune.specfile import read_spec
+
+    saved = folder / "spec.yaml"
+    if not saved.is_file():
+        return False
+    return read_spec(saved).model_dump() != read_spec(saved, sets).model_dump()
 
 
 def extended_name(name: str, samples: int) -> str:
@@ -328,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="after the arms, a copy SEARCH_N of a finished search given N trials in all (repeatable)")
     parser.add_argument("--variant", action="append", default=[], nargs="+", type=str,
                         metavar=("NAME SEARCH", "KEY=VALUE"),
-                        help="after the arms, search SEARCH again as NAME with these spec values (repeatable)")
+                        help="after the arms, search SEARCH again as NAME with at least one spec value "
+                             "changed (repeatable)")
     parser.add_argument("--smoke", action="store_true",
                         help="synthetic faces, tiny backbones, 2 epochs, 2 trials, temporary --work")
     parser.add_argument("--table-only", action="store_true",
@@ -336,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.variant = [parse_variant(v) for v in args.variant]
+        check_names(args.variant, args.extend)
     except ValueError as err:
         parser.error(str(err))
 
@@ -442,8 +469,12 @@ def run_all(bench: Bench) -> None:
     for name, search, sets in bench.args.variant:
         spec_name, search_sets = searches_of(bench, arm_of(search)).get(search, (None, []))
         if spec_name is None:
-            print(f"{name}: not yet ({search} is not a search of {arm_of(search)} that can run now)",
+            print(f"{name}: not yet ({search} runs only once its arm's main search has picked its backbone)",
                   file=sys.stderr, flush=True)
+            continue
+        if variant_differs(bench.work / name, sets):
+            print(f"{name}: skipped: {bench.work / name} holds a search with other values than "
+                  f"{' '.join(sets)}; give the variant another name", file=sys.stderr, flush=True)
             continue
         bench.search(name, spec_name, [*search_sets, *sets])
         bench.second_test(name)
@@ -484,7 +515,10 @@ def summarize(bench: Bench) -> None:
     work, names = bench.work, bench.names
     rows, finished = [], {}
     extended = [extended_name(n, k) for n, k in bench.args.extend]
-    variants = [name for name, _, _ in bench.args.variant]
+    variants = [name for name, _, sets in bench.args.variant if not variant_differs(work / name, sets)]
+    for name in {name for name, _, _ in bench.args.variant} - set(variants):
+        print(f"note: {work / name} holds a search with other values than its --variant gives; it is left "
+              f"out (give the variant another name)")
     candidates = [f"recipe_{b}" for b in RECIPES] + [n for arm in ARM_ORDER for n in searches_of(bench, arm)]
     for name in [*candidates, *extended, *variants]:
         m = metrics_of(work / name)
@@ -550,7 +584,7 @@ def summarize(bench: Bench) -> None:
     further = [(f"[{arm_of(name)}, {name} extended to {samples} trials]", extension)
                for (name, samples), extension in zip(bench.args.extend, extended)]
     further += [(f"[{arm_of(search)}, {name}: {search} with {', '.join(sets)}]", name)
-                for name, search, sets in bench.args.variant]
+                for name, search, sets in bench.args.variant if name in variants]
     for label, name in further:
         if name not in finished or any(r not in finished for r in recipes):
             print(f"P4 {label}: not measured yet{smoke}")

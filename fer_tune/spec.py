@@ -281,10 +281,10 @@ class SchedulerSpec(Strict):
 
 
 class GapPenalty(Strict):
-    """The price of overfitting in the objective: a recipe that fits its training faces far better
-    than its validation faces scores less, so the search prefers one that generalises at a similar
-    validation score (BENCHMARKS P6: the objective alone picked a +16-point gap over a finalist
-    3 points below it with none)."""
+    """The price of overfitting in the objective: a recipe, or an epoch, that fits its training
+    faces far better than its validation faces scores less, so the search prefers one that
+    generalises at a similar validation score (BENCHMARKS P6: the objective alone kept a model
+    with a +16-point gap on validation)."""
 
     allowed: float = Field(0.10, ge=0, le=1, description="train - val expression accuracy that costs nothing "
                                                          "(0.10 = 10 points)")

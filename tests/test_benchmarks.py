@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_spec
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -70,7 +70,6 @@ def fake_experiment(work, name: str, backbone: str, correct: int, train_accuracy
     import numpy as np
 
     from fer_tune import EXPRESSIONS
-    from conftest import write_spec
 
     def results(folder, right: int) -> None:
         folder.mkdir(parents=True)
@@ -140,16 +139,29 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
     assert ("P4 [imagenet, pretrained_gap: pretrained with search.gap_penalty={allowed: 0.1}]: not measured yet"
             in capsys.readouterr().out)
     fake_experiment(tmp_path, "pretrained_gap", "mobilenetv2_100", 55, 0.60, 0.50, 150, pretrained="imagenet")
+    write_spec(tmp_path / "pretrained_gap" / "spec.yaml", model={"backbone": "mobilenetv2_100"},
+               search={"gap_penalty": {"allowed": 0.1}})  # the values the variant ran with
     assert real_data.main(["--table-only", "--work", str(tmp_path), *variant]) == 0
     printed = capsys.readouterr().out
     assert "| pretrained_gap | mobilenetv2_100 | imagenet | 0.550 [0.500, 0.600] |" in printed
     assert "pretrained_gap - recipe_resnet50 on the test (100 faces): +15.0 points [+" in printed
     assert "train - test gap of pretrained_gap's winner: +5.0 points (target <= 10: met)" in printed
     assert "P4 [imagenet] pretrained - recipe_resnet50 on the test (100 faces): +20.0 points [+" in printed
+    # the folder holds a search run with other values: its results are not shown under these
+    other = ["--variant", "pretrained_gap", "pretrained", "search.gap_penalty={allowed: 0.2}"]
+    assert real_data.main(["--table-only", "--work", str(tmp_path), *other]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained_gap holds a search with other values" in printed and "| pretrained_gap |" not in printed
     for bad in (["pretrained_gap", "pretrained"], ["pretrained", "pretrained", "train.lr=0.1"],
-                ["pretrained_tf_efficientnet_lite0", "pretrained", "train.lr=0.1"], ["x", "pretrained", "lr"]):
+                ["pretrained_tf_efficientnet_lite0", "pretrained", "train.lr=0.1"], ["x", "pretrained", "lr"],
+                ["x", "no_such_search", "train.lr=0.1"], ["..", "pretrained", "train.lr=0.1"],
+                ["pretrained_second_test", "pretrained", "train.lr=0.1"], ["a/b", "pretrained", "train.lr=0.1"]):
         with pytest.raises(SystemExit):
             real_data.main(["--table-only", "--work", str(tmp_path), "--variant", *bad])
+    for clash in (["--variant", "v", "pretrained", "train.lr=0.1", "--variant", "v", "pretrained", "train.lr=0.2"],
+                  ["--variant", "pretrained_24", "pretrained", "train.lr=0.1", "--extend", "pretrained=24"]):
+        with pytest.raises(SystemExit):
+            real_data.main(["--table-only", "--work", str(tmp_path), *clash])
 
 
 def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_exporting_one(tmp_path):
