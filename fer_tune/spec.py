@@ -768,21 +768,49 @@ def parse_override(text: str) -> tuple[str, Any]:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set` values applied to a raw spec dict (in place, and returned).
 
-    Overriding a field that the space also samples fixes it: the space entry is dropped.
+    Overriding a field that the space also samples fixes it: the space entry is dropped, and so
+    are the known recipes (`search.points`) that give it another value: they are recipes of
+    something else (the ResNet50 recipe of a two-backbone space, once `--set model.backbone=...`
+    picks the other one). A recipe that gives it the same value keeps the rest of its values.
     """
     for text in overrides:
         key, value = parse_override(text)
         set_path(raw, key, value)
         if not key.startswith("space.") and isinstance(raw.get("space"), dict):
             raw["space"].pop(key, None)
-            _settle_conditions(raw["space"], key, value)
+            gone = _settle_conditions(raw["space"], key, value)
+            _settle_points(raw, key, value, gone)
     return raw
 
 
-def _settle_conditions(space: dict, key: str, value: Any) -> None:
+def _settle_points(raw: dict, key: str, value: Any, gone: set[str]) -> None:
+    """`search.points` after `key` is fixed to `value` and the space entries of `gone` dropped
+    with it: a recipe that names `key` with another value, or a field of `gone`, is dropped; one
+    left with no values of its own is the spec's recipe, which runs first anyway unless
+    `start_from_spec` is false."""
+    search = raw.get("search")
+    points = search.get("points") if isinstance(search, dict) else None
+    if not isinstance(points, list):
+        return
+    kept = []
+    for point in points:
+        if isinstance(point, dict):
+            if gone & set(point) or point.get(key, value) != value:
+                continue
+            if key in point:
+                point = {k: v for k, v in point.items() if k != key}
+                if not point and search.get("start_from_spec") is not False:
+                    continue
+        kept.append(point)
+    search["points"] = kept
+
+
+def _settle_conditions(space: dict, key: str, value: Any) -> set[str]:
     """A field fixed by --set settles the `when` conditions on it: an alternative that needed
     another value can no longer apply and is dropped, one that needed this value no longer needs
-    the condition (e.g. `--set model.backbone=resnet50` keeps only resnet50's `train.lr` entry)."""
+    the condition (e.g. `--set model.backbone=resnet50` keeps only resnet50's `train.lr` entry).
+    Returns the fields none of whose entries can apply any more."""
+    gone = set()
     for name in list(space):
         entries = space[name]
         alternatives = entries if isinstance(entries, list) else [entries]
@@ -797,8 +825,10 @@ def _settle_conditions(space: dict, key: str, value: Any) -> None:
             kept.append(entry)
         if not kept:
             del space[name]
+            gone.add(name)
         else:
             space[name] = kept if isinstance(entries, list) else kept[0]
+    return gone
 
 
 def validate_spec(raw: dict, source: str = "spec") -> Spec:

@@ -1,5 +1,6 @@
 """The spec: YAML -> validated Spec, --set overrides, space entries, one-line errors."""
 
+import copy
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 
 from fer_tune.cli import main
 from fer_tune.errors import UserError
-from fer_tune.spec import Spec, validate_spec
+from fer_tune.spec import Spec, apply_overrides, validate_spec
 from fer_tune.specfile import load_spec, read_spec
 
 from conftest import REPO, write_spec
@@ -194,21 +195,24 @@ def test_the_searcher_runs_the_known_recipes_first_and_exactly(tmp_path):
     assert all(t.params not in [p for _, p in known_recipes(spec)] for t in study.trials[2:])
 
 
-@pytest.mark.parametrize("name, backbone, weight_decay", [("regularization", "efficientnet_b0", 1e-5),
-                                                          ("resnet50_fix", "resnet50", 1e-6)])
-def test_the_fer2013_spaces_start_from_the_reports_recipe(name, backbone, weight_decay):
+@pytest.mark.parametrize("name, backbones, weight_decay", [
+    ("regularization", ["efficientnet_b0", "resnet50"], 1e-5),  # both of the report's recipes: the spec, then a point
+    ("resnet50_fix", ["resnet50"], 1e-6)])
+def test_the_fer2013_spaces_start_from_the_reports_recipes(name, backbones, weight_decay):
     from fer_tune.search.space import known_recipes
 
     sets = ["data.source=synthetic"]
-    report = load_spec(REPO / "search_spaces" / "report_baseline.yaml", [*sets, f"model.backbone={backbone}"])
     spec = load_spec(REPO / "search_spaces" / f"{name}.yaml", sets)
-    assert [label for label, _ in known_recipes(spec)] == ["your spec"]
+    assert [label for label, _ in known_recipes(spec)] == ["your spec", *(f"search.points[{i}]"
+                                                                          for i in range(len(backbones) - 1))]
     assert spec.search.finalists >= 3
-    for section in ("model", "train", "augment", "loss"):
-        mine, theirs = getattr(spec, section).model_dump(), getattr(report, section).model_dump()
-        if section == "train":  # the one stand-in: a log-scale entry cannot draw the report's 0
-            assert (mine.pop("weight_decay"), theirs.pop("weight_decay")) == (weight_decay, 0.0)
-        assert mine == theirs, section
+    for backbone, recipe in zip(backbones, [spec, *(spec.with_values(point) for point in spec.search.points)]):
+        report = load_spec(REPO / "search_spaces" / "report_baseline.yaml", [*sets, f"model.backbone={backbone}"])
+        for section in ("model", "train", "augment", "loss"):
+            mine, theirs = getattr(recipe, section).model_dump(), getattr(report, section).model_dump()
+            if section == "train":  # the one stand-in: a log-scale entry cannot draw the report's 0
+                assert (mine.pop("weight_decay"), theirs.pop("weight_decay")) == (weight_decay, 0.0)
+            assert mine == theirs, (backbone, section)
 
 
 def test_tpe_options_reach_optunas_sampler(tiny_spec):
@@ -273,6 +277,30 @@ def test_fixing_a_field_with_set_settles_the_conditions_on_it():
     fixed = read_spec(REPO / "search_spaces" / "resnet50_fix.yaml", ["data.source=synthetic", "train.optimizer=adamw"])
     assert "train.momentum" not in fixed.space  # sgd's only
     assert [e.loguniform for e in fixed.space["train.lr"]] == [(1.0e-5, 3.0e-3)]
+
+
+def test_fixing_a_field_with_set_drops_the_known_recipes_of_other_values():
+    shipped = read_spec(REPO / "search_spaces" / "regularization.yaml", ["data.source=synthetic"])
+    assert shipped.search.points == [{"model.backbone": "resnet50"}]  # the report's ResNet50 recipe
+    for backbone in ("efficientnet_b0", "resnet50"):  # the other backbone's recipe, or a second copy of the spec's
+        fixed = read_spec(REPO / "search_spaces" / "regularization.yaml",
+                          ["data.source=synthetic", f"model.backbone={backbone}"])
+        assert fixed.search.points == []
+    raw = {"data": {"source": "synthetic"}, "model": {"backbone": "resnet10t"},
+           "train": {"optimizer": "sgd"},
+           "search": {"num_samples": 8, "points": [
+               {"model.backbone": "resnet10t", "model.dropout": 0.3},    # keeps its dropout
+               {"model.backbone": "resnet18", "model.dropout": 0.1},     # another backbone's recipe
+               {"train.momentum": 0.85},                                  # sgd's field, gone with adamw
+               {"model.dropout": 0.5}]},                                  # names neither: untouched
+           "space": {"model.backbone": {"choice": ["resnet10t", "resnet18"]},
+                     "model.dropout": {"uniform": [0.0, 0.6]},
+                     "train.momentum": {"uniform": [0.8, 0.95], "when": {"train.optimizer": "sgd"}}}}
+    spec = validate_spec(apply_overrides(copy.deepcopy(raw), ["model.backbone=resnet10t", "train.optimizer=adamw"]))
+    assert spec.search.points == [{"model.dropout": 0.3}, {"model.dropout": 0.5}]
+    raw["search"]["start_from_spec"] = False  # then a recipe left with no values of its own is the spec's: kept
+    raw["search"]["points"] = [{"model.backbone": "resnet18"}]
+    assert validate_spec(apply_overrides(raw, ["model.backbone=resnet18"])).search.points == [{}]
 
 
 def test_fields_tied_by_a_rule_are_checked_in_every_combination_a_space_draws(tiny_spec):
