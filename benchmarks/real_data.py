@@ -97,6 +97,8 @@ class Bench:
         out = self.work / name
         if (out / "report" / "metrics.json").is_file():
             print(f"{name}: reusing {out}", file=sys.stderr, flush=True)
+            if changed := spec_changes(out, spec, sets):
+                print(f"note: {drift_note(name, spec, changed)}", file=sys.stderr, flush=True)
             return out
         args = [command, spec, "--out", out]
         if command == "run" and (out / "tune").is_dir():
@@ -110,18 +112,23 @@ class Bench:
             run_cli([*args, *[a for s in sets for a in ("--set", s)]], self.work / f"{name}.log")
         return out
 
-    def recipe(self, backbone: str) -> Path:
-        return self.experiment(f"recipe_{backbone}", "train", SEARCH_SPACES / "report_baseline.yaml",
-                               [*self.common, f"model.backbone={self.names[backbone]}",
-                                f"train.epochs={self.args.epochs}"])
+    def recipe_command(self, backbone: str) -> tuple[Path, list[str]]:
+        return SEARCH_SPACES / "report_baseline.yaml", [*self.common, f"model.backbone={self.names[backbone]}",
+                                                         f"train.epochs={self.args.epochs}"]
 
-    def search(self, name: str, spec_name: str, sets: list[str]) -> Path:
+    def recipe(self, backbone: str) -> Path:
+        return self.experiment(f"recipe_{backbone}", "train", *self.recipe_command(backbone))
+
+    def search_command(self, spec_name: str, sets: list[str]) -> tuple[Path, list[str]]:
         a = self.args
         budget = [f"search.num_samples={a.samples}", f"train.epochs={a.epochs}", "search.scheduler.type=asha",
                   f"search.scheduler.grace_period={a.grace}", f"search.scheduler.reduction_factor={a.reduction_factor:g}",
                   f"search.searcher.startup_trials={a.startup}", f"search.finalists={a.finalists}",
                   f"search.finalist_seeds={a.finalist_seeds}"]
-        return self.experiment(name, "run", self.spaces / spec_name, [*self.common, *budget, *sets])
+        return self.spaces / spec_name, [*self.common, *budget, *sets]
+
+    def search(self, name: str, spec_name: str, sets: list[str]) -> Path:
+        return self.experiment(name, "run", *self.search_command(spec_name, sets))
 
     def extend(self, name: str, samples: int) -> Optional[Path]:
         """A copy of the finished search `name`, given `samples` trials in all (None until `name` has
@@ -214,6 +221,33 @@ def check_names(variants: list[tuple[str, str, list[str]]], extensions: list[tup
     clash = sorted({n for n in names if names.count(n) > 1 or n in taken})
     if clash:
         raise ValueError(f"--variant {clash[0]}: given twice, or the folder of an --extend")
+
+
+def spec_changes(folder: Path, spec: Path, sets: list[str]) -> list[str]:
+    """The fields in which the spec a finished experiment ran differs from the one this command
+    would run today (a shipped space edited since): it is reused, so its row shows the old spec."""
+    from fer_tune.errors import UserError
+    from fer_tune.specfile import read_spec
+
+    def flat(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key: value})
+        return out
+
+    saved = folder / "spec.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        then, now = (flat(read_spec(path, extra).model_dump(mode="json")) for path, extra in ((saved, []), (spec, sets)))
+    except UserError as err:
+        return [f"(unreadable: {err})"]
+    return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+
+
+def drift_note(name: str, spec: Path, changed: list[str]) -> str:
+    return (f"{name} ran with a spec that {spec.name} and these settings no longer give (it differs in "
+            f"{', '.join(changed)}); its row is that older spec's: move its folder away to run it again")
 
 
 def variant_differs(folder: Path, sets: list[str]) -> bool:
@@ -494,7 +528,9 @@ def export_winners(bench: Bench) -> None:
         best = bench.work / name / "best" / "config.yaml"
         if not best.is_file():
             continue
-        config = yaml.safe_load(best.read_text())
+        from fer_tune.specfile import read_spec
+
+        config = read_spec(best).model_dump(mode="json")  # complete in today's schema: new fields' defaults too
         root = config.get("data", {}).get("root")
         if root:
             config["data"]["root"] = os.path.relpath(root, REPO)
@@ -541,6 +577,15 @@ def summarize(bench: Bench) -> None:
         if second:
             second_name = f"second test ({second['test_images']})"
             break
+    commands = {f"recipe_{b}": bench.recipe_command(b) for b in RECIPES}
+    commands.update({n: bench.search_command(*searches_of(bench, arm)[n]) for arm in ARM_ORDER
+                     for n in searches_of(bench, arm)})
+    for name, search, sets in bench.args.variant:
+        if search in commands:
+            commands[name] = (commands[search][0], [*commands[search][1], *sets])
+    for name in finished:
+        if name in commands and (changed := spec_changes(work / name, *commands[name])):
+            print(f"note: {drift_note(name, commands[name][0], changed)}")
     print(markdown_table(["experiment", "backbone", "pretrained", f"{test_name} accuracy [95 % CI]", "macro F1",
                           f"{second_name} accuracy", "macro F1", "best-epoch train acc", "train - test",
                           "epochs (all trials)", "wall"], rows))

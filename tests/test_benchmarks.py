@@ -164,6 +164,26 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
             real_data.main(["--table-only", "--work", str(tmp_path), *clash])
 
 
+def test_a_reused_experiment_whose_shipped_spec_has_changed_since_is_named_with_the_fields(tmp_path, capsys):
+    import yaml
+
+    import real_data
+    from fer_tune.specfile import read_spec
+
+    spec = write_spec(tmp_path / "space.yaml")
+    folder = tmp_path / "search"
+    folder.mkdir()
+    (folder / "spec.yaml").write_text(yaml.safe_dump(read_spec(spec, ["train.lr=0.01"]).model_dump(mode="json")))
+    assert real_data.spec_changes(folder, spec, ["train.lr=0.01"]) == []
+    assert real_data.spec_changes(folder, spec, ["train.lr=0.02", "model.dropout=0.3"]) == ["model.dropout", "train.lr"]
+    assert real_data.spec_changes(tmp_path / "never_ran", spec, []) == []
+    # the table says so for a finished experiment it shows: a fake recipe's spec is not report_baseline.yaml's
+    fake_experiment(tmp_path / "work", "recipe_resnet50", "resnet50", 40, 0.80, 0.4, 20)
+    assert real_data.main(["--table-only", "--work", str(tmp_path / "work")]) == 0
+    assert "note: recipe_resnet50 ran with a spec that report_baseline.yaml and these settings no longer give " \
+           "(it differs in " in capsys.readouterr().out
+
+
 def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_exporting_one(tmp_path):
     import argparse
     import json
@@ -178,7 +198,7 @@ def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_export
         {"started": day + 90_000, "seconds": None, "revision": "bbbbbbb"},
         {"started": day + 95_000, "seconds": 60.0, "revision": "aaaaaaa"}]}))
     bench = real_data.Bench(argparse.Namespace(cpus_per_trial=2, arms=["imagenet"], export=tmp_path / "results",
-                                               extend=[]),
+                                               extend=[], variant=[]),
                             tmp_path, [], {b: b for b in real_data.SMOKE_NAMES})
     real_data.export_winners(bench)
     exported = (tmp_path / "results" / "pretrained.yaml").read_text()
