@@ -225,7 +225,9 @@ def check_names(variants: list[tuple[str, str, list[str]]], extensions: list[tup
 
 def spec_changes(folder: Path, spec: Path, sets: list[str]) -> list[str]:
     """The fields in which the spec a finished experiment ran differs from the one this command
-    would run today (a shipped space edited since): it is reused, so its row shows the old spec."""
+    would run today because the shipped file was edited since: it is reused, so its row shows the
+    old spec. This command's settings go over both, so a flag or a machine that sets them
+    differently (`--cpus-per-trial`'s default follows the cores) is not a change."""
     from fer_tune.errors import UserError
     from fer_tune.specfile import read_spec
 
@@ -239,7 +241,7 @@ def spec_changes(folder: Path, spec: Path, sets: list[str]) -> list[str]:
     if not saved.is_file():
         return []
     try:
-        then, now = (flat(read_spec(path, extra).model_dump(mode="json")) for path, extra in ((saved, []), (spec, sets)))
+        then, now = (flat(read_spec(path, sets).model_dump(mode="json")) for path in (saved, spec))
     except UserError as err:
         return [f"(unreadable: {err})"]
     return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
@@ -528,9 +530,14 @@ def export_winners(bench: Bench) -> None:
         best = bench.work / name / "best" / "config.yaml"
         if not best.is_file():
             continue
+        from fer_tune.errors import UserError
         from fer_tune.specfile import read_spec
 
-        config = read_spec(best).model_dump(mode="json")  # complete in today's schema: new fields' defaults too
+        try:
+            config = read_spec(best).model_dump(mode="json")  # complete in today's schema: new fields' defaults too
+        except UserError as err:  # a winner today's schema refuses is still exported, as it was written
+            print(f"note: {best}: {err}; exported as written", file=sys.stderr)
+            config = yaml.safe_load(best.read_text())
         root = config.get("data", {}).get("root")
         if root:
             config["data"]["root"] = os.path.relpath(root, REPO)

@@ -772,37 +772,57 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     are the known recipes (`search.points`) that give it another value: they are recipes of
     something else (the ResNet50 recipe of a two-backbone space, once `--set model.backbone=...`
     picks the other one). A recipe that gives it the same value keeps the rest of its values.
+    The recipes are settled once all overrides are in, so their order does not matter.
     """
+    fixed: dict[str, Any] = {}
+    gone: set[str] = set()
     for text in overrides:
         key, value = parse_override(text)
         set_path(raw, key, value)
         if not key.startswith("space.") and isinstance(raw.get("space"), dict):
-            raw["space"].pop(key, None)
-            gone = _settle_conditions(raw["space"], key, value)
-            _settle_points(raw, key, value, gone)
+            if raw["space"].pop(key, None) is not None or key in fixed:
+                fixed[key] = value
+            gone |= _settle_conditions(raw["space"], key, value)
+    if isinstance(raw.get("space"), dict):
+        still = set(raw["space"])  # a later space.KEY=... samples KEY again
+        _settle_points(raw, {k: v for k, v in fixed.items() if k not in still}, gone - still)
     return raw
 
 
-def _settle_points(raw: dict, key: str, value: Any, gone: set[str]) -> None:
-    """`search.points` after `key` is fixed to `value` and the space entries of `gone` dropped
-    with it: a recipe that names `key` with another value, or a field of `gone`, is dropped; one
-    left with no values of its own is the spec's recipe, which runs first anyway unless
-    `start_from_spec` is false."""
+def _settle_points(raw: dict, fixed: dict[str, Any], gone: set[str]) -> None:
+    """`search.points` once the fields of `fixed` are set to its values and the space entries of
+    `gone` dropped with them: a recipe that gives a fixed field another value, or names a field
+    of `gone`, is dropped; one left with no values of its own is the spec's recipe, which runs
+    first anyway unless `start_from_spec` is false. Fields the space never sampled are left for
+    validation to refuse."""
     search = raw.get("search")
     points = search.get("points") if isinstance(search, dict) else None
-    if not isinstance(points, list):
+    if not isinstance(points, list) or not (fixed or gone):
         return
     kept = []
     for point in points:
         if isinstance(point, dict):
-            if gone & set(point) or point.get(key, value) != value:
+            if gone & set(point) or any(k in point and not _same_value(point[k], v) for k, v in fixed.items()):
                 continue
-            if key in point:
-                point = {k: v for k, v in point.items() if k != key}
+            if fixed.keys() & point.keys():
+                point = {k: v for k, v in point.items() if k not in fixed}
                 if not point and search.get("start_from_spec") is not False:
                     continue
         kept.append(point)
     search["points"] = kept
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as a spec field would read them: YAML reads `1e-3` as a string, the field as 0.001."""
+    def number(x: Any) -> Optional[float]:
+        if isinstance(x, bool):
+            return None
+        try:
+            return float(x) if isinstance(x, (int, float, str)) else None
+        except ValueError:
+            return None
+
+    return a == b or (number(a) is not None and number(a) == number(b))
 
 
 def _settle_conditions(space: dict, key: str, value: Any) -> set[str]:

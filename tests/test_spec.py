@@ -298,9 +298,32 @@ def test_fixing_a_field_with_set_drops_the_known_recipes_of_other_values():
                      "train.momentum": {"uniform": [0.8, 0.95], "when": {"train.optimizer": "sgd"}}}}
     spec = validate_spec(apply_overrides(copy.deepcopy(raw), ["model.backbone=resnet10t", "train.optimizer=adamw"]))
     assert spec.search.points == [{"model.dropout": 0.3}, {"model.dropout": 0.5}]
+    # settled once all overrides are in: their order does not matter
+    points = 'search.points=[{model.backbone: resnet18, model.dropout: 0.1}, {model.backbone: resnet10t}]'
+    for order in ([points, "model.backbone=resnet18", "search.start_from_spec=false"],
+                  ["search.start_from_spec=false", "model.backbone=resnet18", points]):
+        settled = validate_spec(apply_overrides(copy.deepcopy(raw), order)).search
+        assert settled.points == [{"model.dropout": 0.1}], order
+    # a later space entry samples the field again: its recipes stay
+    again = apply_overrides(copy.deepcopy(raw), ["model.backbone=resnet18",
+                                                 "space.model.backbone={choice: [resnet10t, resnet18]}"])
+    assert len(validate_spec(again).search.points) == 4
+    # a value written as YAML reads it (1e-3 is a string to YAML, 0.001 to the field) is the same value
+    lr = {**raw, "space": {**raw["space"], "train.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+          "search": {"num_samples": 8, "points": [{"train.lr": 0.001, "model.dropout": 0.3}]}}
+    assert validate_spec(apply_overrides(copy.deepcopy(lr), ["train.lr=1e-3"])).search.points == [{"model.dropout": 0.3}]
     raw["search"]["start_from_spec"] = False  # then a recipe left with no values of its own is the spec's: kept
     raw["search"]["points"] = [{"model.backbone": "resnet18"}]
     assert validate_spec(apply_overrides(raw, ["model.backbone=resnet18"])).search.points == [{}]
+
+
+def test_a_known_recipe_of_a_field_the_space_never_sampled_is_refused_even_when_set_fixes_it():
+    raw = {"data": {"source": "synthetic"}, "model": {"backbone": "resnet10t"},
+           "search": {"num_samples": 4, "points": [{"model.backbone": "resnet18", "model.dropout": 0.3}]},
+           "space": {"model.dropout": {"uniform": [0.0, 0.6]}}}
+    for sets in ([], ["model.backbone=resnet18"], ["model.backbone=resnet50"]):
+        with pytest.raises(UserError, match="'model.backbone' is not a field of space"):
+            validate_spec(apply_overrides(copy.deepcopy(raw), sets))
 
 
 def test_fields_tied_by_a_rule_are_checked_in_every_combination_a_space_draws(tiny_spec):
