@@ -1,5 +1,7 @@
 """`fer-tune run` end to end on a real local Ray cluster (tiny trials, CPU)."""
 
+import contextlib
+import io
 import json
 import os
 import math
@@ -215,8 +217,23 @@ def searched(tmp_path_factory):
                               "searcher": {"type": "optuna", "seed": 2, "startup_trials": 4},
                               "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}})
     out = tmp / "run"
-    assert main(["run", str(spec), "--out", str(out)]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(spec), "--out", str(out)]) == 0
+    (tmp / "printed.txt").write_text(printed.getvalue())
     return spec, out
+
+
+def test_the_rerun_command_a_search_prints_runs(searched):
+    """The command the search prints under its result is the one a user copies: it must work, and
+    name its own --out (the default, runs/<name>, is the search's folder when run where it ran)."""
+    _, out = searched
+    hint = next(line for line in (out.parent / "printed.txt").read_text().splitlines() if "(re-run: " in line)
+    command = hint.split("(re-run: fer-tune ", 1)[1].rstrip(")").split()
+    again = Path(command[command.index("--out") + 1])
+    assert again.resolve() != out.resolve()
+    assert main(command) == 0
+    assert (again / "best" / "model.pt").is_file()
 
 
 def test_search_outcome(searched):

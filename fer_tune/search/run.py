@@ -514,7 +514,9 @@ def finish(spec: Spec, out: Path, trials, results, final, runs: list, selection,
           f"{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}), {len(runs)} final run(s)")
     print(format_test(metrics, out / "report" / "metrics.json"))
     print(describe_comparison(metrics["comparison"]))
-    print(f"best config: {out / 'best' / 'config.yaml'}  (re-run: fer-tune train {out / 'best' / 'config.yaml'})")
+    # --out: the default, runs/<name>, is this search's own folder, which `train` refuses to overwrite
+    print(f"best config: {out / 'best' / 'config.yaml'}  (re-run: fer-tune train {out / 'best' / 'config.yaml'} "
+          f"--out {out.parent / (out.name + '-again')})")
     write_history(out / "report", {**trial_histories(trials, results), **final_histories(final, runs)},
                   trial_confusions(trials))
     write_report(out)
