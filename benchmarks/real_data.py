@@ -229,22 +229,17 @@ def spec_changes(folder: Path, spec: Path, sets: list[str]) -> list[str]:
     old spec. This command's settings go over both, so a flag or a machine that sets them
     differently (`--cpus-per-trial`'s default follows the cores) is not a change."""
     from fer_tune.errors import UserError
+    from fer_tune.spec import describe_differences
     from fer_tune.specfile import read_spec
-
-    def flat(node: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in node.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key: value})
-        return out
 
     saved = folder / "spec.yaml"
     if not saved.is_file():
         return []
     try:
-        then, now = (flat(read_spec(path, sets).model_dump(mode="json")) for path in (saved, spec))
+        then, now = (read_spec(path, sets).model_dump(mode="json") for path in (saved, spec))
     except UserError as err:
         return [f"(unreadable: {err})"]
-    return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    return sorted(d.split(": ", 1)[0] for d in describe_differences(then, now, "then", "now"))
 
 
 def drift_note(name: str, spec: Path, changed: list[str]) -> str:
@@ -520,6 +515,9 @@ def run_all(bench: Bench) -> None:
 
 def export_winners(bench: Bench) -> None:
     """Each search winner's complete config, data.root relative to the repository, to retrain anywhere."""
+    from fer_tune.errors import UserError
+    from fer_tune.specfile import read_spec
+
     bench.args.export.mkdir(parents=True, exist_ok=True)
     searches = [(arm, name) for arm in bench.args.arms for name in searches_of(bench, arm)]
     # an extended copy holds its source's best/ until its own search has ended
@@ -530,9 +528,6 @@ def export_winners(bench: Bench) -> None:
         best = bench.work / name / "best" / "config.yaml"
         if not best.is_file():
             continue
-        from fer_tune.errors import UserError
-        from fer_tune.specfile import read_spec
-
         try:
             config = read_spec(best).model_dump(mode="json")  # complete in today's schema: new fields' defaults too
         except UserError as err:  # a winner today's schema refuses is still exported, as it was written
