@@ -539,8 +539,10 @@ def export_winners(bench: Bench) -> None:
         header = (f"# {name}: the winner of benchmarks/real_data.py's {arm} arm "
                   f"(searched {provenance(bench.work, name)}).\n"
                   f"# Retrain: fer-tune train benchmarks/results/{name}.yaml (paths relative to the repository)\n")
-        (bench.args.export / f"{name}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
-        print(f"exported {bench.args.export / f'{name}.yaml'}", file=sys.stderr)
+        target, text = bench.args.export / f"{name}.yaml", header + yaml.safe_dump(config, sort_keys=False)
+        if not target.is_file() or target.read_text() != text:  # said once per change, not after every search
+            target.write_text(text)
+            print(f"exported {target}", file=sys.stderr)
 
 
 def arm_of(search: str) -> str:

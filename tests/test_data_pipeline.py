@@ -1,6 +1,5 @@
 """Image cache (bad images), `fer-tune data synth`, and the model's local pretrained weights."""
 
-import pandas as pd
 import pytest
 import torch
 import timm

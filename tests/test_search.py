@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import os
-import math
 from pathlib import Path
 
 import optuna
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from fer_tune.cli import main
-from fer_tune.search.space import param_name, SpaceSampler
+from fer_tune.search.space import SpaceSampler
 from fer_tune.specfile import load_spec
 
 from conftest import write_spec
