@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a student spec field, e.g. --set distill.temperature=2 (repeatable)")
     p.add_argument("--out", type=Path, help="experiment folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search or training in --out")
-    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: start one here")
+    p.add_argument("--address", help="Ray cluster to join: auto (the one started on this machine) or its "
+                                     "head's HOST:PORT; default $RAY_ADDRESS, else start one here")
     p.set_defaults(handler=_distill)
 
     p = commands.add_parser("evaluate", help="evaluate a trained model on a test split")

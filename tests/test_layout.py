@@ -76,3 +76,17 @@ def test_the_spec_schema_never_looks_at_this_machine(tmp_path):
                for n in ast.walk(ast.parse((PACKAGE / "spec.py").read_text()))
                if isinstance(n, (ast.Import, ast.ImportFrom))}
     assert not imports & {"timm", "os", "fer_tune.io", "fer_tune.layout"}
+
+
+def test_the_readme_layer_table_names_every_module_of_each_package():
+    """The README's "Layout" table is where a newcomer looks for a module: one added to a package
+    without a word there is a module they cannot find."""
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| L")]
+    missing = []
+    for package in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()):
+        row = next((r for r in rows if f"`{package.name}/`" in r), None)
+        assert row is not None, f"README's layer table has no row for {package.name}/"
+        listed = row.split(f"`{package.name}/`", 1)[1].split(")", 1)[0]
+        missing += [f"{package.name}/{m.stem}" for m in sorted(package.glob("*.py"))
+                    if m.stem != "__init__" and f"`{m.stem}`" not in listed]
+    assert not missing, f"modules the README's layer table does not name: {', '.join(missing)}"
