@@ -141,3 +141,27 @@ def test_the_report_names_the_gap_penalty_when_the_objective_pays_it():
                                        "gap_penalty": {"allowed": 0.05, "weight": 2.0}}})
     assert objective_text(plain) == "1·expression_f1, normalised by the weights"
     assert objective_text(priced).endswith("less 2 × the train − val accuracy gap above 5 points")
+
+
+def test_the_parallel_coordinates_plot_draws_a_true_false_choice_as_two_categories(tmp_path):
+    """resnet50_fix.yaml searches `train.decay_norm_and_bias: {choice: [true, false]}`; read back
+    from trials.csv such a column is boolean, which numpy cannot subtract, and the whole report
+    was lost to it (found on the P4 benchmark)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from fer_tune.report.figures import parallel_coordinates_figure
+
+    trials = pd.read_csv(io.StringIO(
+        "trial_id,train.decay_norm_and_bias,train.grad_clip,train.lr,stop_reason,best_objective\n"
+        "a,True,,0.001,completed,0.42\n"
+        "b,False,True,0.01,completed,0.31\n"
+        "c,True,False,0.0001,completed,0.38\n"))
+    assert trials["train.decay_norm_and_bias"].dtype == bool  # what the report reads
+    fig = parallel_coordinates_figure(trials, ["train.decay_norm_and_bias", "train.grad_clip", "train.lr"],
+                                      "best_objective")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    assert texts.count("False") == 2 and texts.count("True") == 2  # both flag axes, as categories
+    assert "0.0001" in texts and "0.01" in texts  # the number axis still spans its values

@@ -92,7 +92,8 @@ def parallel_coordinates_figure(trials: pd.DataFrame, params: list[str], metric:
     for name in axes_names:
         values = trials[name]
         numeric = pd.to_numeric(values, errors="coerce")
-        if numeric.notna().sum() == values.notna().sum() and numeric.notna().any():
+        flags = values.dropna().map(lambda v: isinstance(v, (bool, np.bool_))).any()  # a choice of true/false
+        if not flags and numeric.notna().sum() == values.notna().sum() and numeric.notna().any():
             # axis range from the healthy trials: a diverged lr of 1e8 must not flatten the others;
             # errored trials' values outside it are drawn at the axis ends
             healthy = numeric[~errored & numeric.notna()]
