@@ -62,3 +62,10 @@ def experiment_of(config: Path) -> Path:
     """The experiment folder a config.yaml belongs to (the folder above best/, or its own)."""
     config = Path(config)
     return config.parent.parent if config.parent.name == BEST_DIR else config.parent
+
+
+def rerun_command(out: Path) -> str:
+    """The command that retrains an experiment's winner. It names its own --out: the default,
+    runs/<name>, is the experiment's folder when run where it ran, which `train` refuses to overwrite."""
+    out = Path(out)
+    return f"fer-tune train {out / BEST_DIR / CONFIG_FILE} --out {out.parent / (out.name + '-again')}"

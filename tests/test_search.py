@@ -229,6 +229,8 @@ def test_the_rerun_command_a_search_prints_runs(searched):
     _, out = searched
     hint = next(line for line in (out.parent / "printed.txt").read_text().splitlines() if "(re-run: " in line)
     command = hint.split("(re-run: fer-tune ", 1)[1].rstrip(")").split()
+    in_report = (out / "report" / "report.md").read_text().split("Re-run it: `fer-tune ", 1)[1].split("`")[0]
+    assert in_report.split() == command  # report.md gives the same command
     again = Path(command[command.index("--out") + 1])
     assert again.resolve() != out.resolve()
     assert main(command) == 0

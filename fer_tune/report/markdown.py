@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fer_tune.layout import rerun_command
 from fer_tune.report.experiment import TOP_TRIALS, Experiment, best_spec, fmt_value, load_experiment, top_trials
 from fer_tune.spec import Spec
 
@@ -36,7 +37,7 @@ def render_markdown(exp: Experiment, plots: list[tuple[str, str]], importances: 
         lines += comparison_lines(m.get("comparison") or {})
     lines += ["", "## Best config", ""]
     lines += how_found(exp)
-    lines += ["", f"Re-run it: `fer-tune train {exp.out / 'best' / 'config.yaml'}` (weights: `best/model.pt`).", ""]
+    lines += ["", f"Re-run it: `{rerun_command(exp.out)}` (weights: `best/model.pt`).", ""]
     lines += best_values_table(exp)
 
     lines += ["", f"## Held-out test results ({m.get('test_images', '?')} images)", "",

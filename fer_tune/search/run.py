@@ -39,7 +39,7 @@ from fer_tune.engine.device import choose_device
 from fer_tune.engine.evaluate import compare_on_test, evaluate_on_test, format_test
 from fer_tune.errors import SearchInterrupted, UserError, one_line
 from fer_tune.io import atomic_write_json, atomic_write_text, check_writable, folder_lock
-from fer_tune.layout import ASHA_FILE, FINAL_RUNS_FILE, PARTS_FILE, WALL_FILE
+from fer_tune.layout import ASHA_FILE, FINAL_RUNS_FILE, PARTS_FILE, WALL_FILE, rerun_command
 from fer_tune.metrics import flat_metrics
 from fer_tune.report import write_history, write_report
 from fer_tune.report.tensorboard import log_epoch
@@ -514,9 +514,7 @@ def finish(spec: Spec, out: Path, trials, results, final, runs: list, selection,
           f"{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}), {len(runs)} final run(s)")
     print(format_test(metrics, out / "report" / "metrics.json"))
     print(describe_comparison(metrics["comparison"]))
-    # --out: the default, runs/<name>, is this search's own folder, which `train` refuses to overwrite
-    print(f"best config: {out / 'best' / 'config.yaml'}  (re-run: fer-tune train {out / 'best' / 'config.yaml'} "
-          f"--out {out.parent / (out.name + '-again')})")
+    print(f"best config: {out / 'best' / 'config.yaml'}  (re-run: {rerun_command(out)})")
     write_history(out / "report", {**trial_histories(trials, results), **final_histories(final, runs)},
                   trial_confusions(trials))
     write_report(out)
