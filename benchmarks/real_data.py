@@ -630,8 +630,10 @@ def summarize(bench: Bench) -> None:
                   f"(target <= 10: {verdict(gap, 0.10 + 1e-9, higher_is_better=False)}){smoke}")
 
 
-    further = [(f"[{arm_of(name)}, {name} extended to {samples} trials]", extension)
-               for (name, samples), extension in zip(bench.args.extend, extended)]
+    # an arm's other shipped spaces (resnet50_fix.yaml) are searches a user runs too: each is measured alike
+    further = [(f"[{arm}, {name}]", name) for arm in ARM_ORDER for name in ARMS[arm][3]]
+    further += [(f"[{arm_of(name)}, {name} extended to {samples} trials]", extension)
+                for (name, samples), extension in zip(bench.args.extend, extended)]
     further += [(f"[{arm_of(search)}, {name}: {search} with {', '.join(sets)}]", name)
                 for name, search, sets in bench.args.variant if name in variants]
     for label, name in further:

@@ -117,6 +117,17 @@ def test_real_data_table_of_a_benchmark_run_in_pieces(tmp_path, capsys):
             in printed)
     assert "P6 [imagenet] train - test gap of pretrained's winner: +5.0 points (target <= 10: met)" in printed
     assert "P4 [scratch] winner - better recipe: not measured yet (missing: regularization)" in printed
+    assert "P4 [scratch, resnet50_fix]: not measured yet" in printed
+
+    # an arm's other shipped space gets its own paired lines, apart from the arm's main search
+    fake_experiment(tmp_path, "resnet50_fix", "resnet50", 45, 0.90, 0.45, 200)
+    assert real_data.main(["--table-only", "--work", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert ("P4 [scratch, resnet50_fix] resnet50_fix - recipe_resnet50 on the test (100 faces): +5.0 points [+"
+            in printed)
+    assert ("P6 [scratch, resnet50_fix] train - test gap of resnet50_fix's winner: +45.0 points "
+            "(target <= 10: NOT met)" in printed)
+    assert "P4 [scratch] winner - better recipe: not measured yet (missing: regularization)" in printed
 
     # a search given more trials in a copy of its folder (--extend) gets its own lines; its source keeps its own
     assert real_data.main(["--table-only", "--work", str(tmp_path), "--extend", "pretrained=24"]) == 0
