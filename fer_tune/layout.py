@@ -14,6 +14,7 @@ the model file itself; `find_model` is the one place that turns such a path into
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from fer_tune.errors import UserError
@@ -65,7 +66,11 @@ def experiment_of(config: Path) -> Path:
 
 
 def rerun_command(out: Path) -> str:
-    """The command that retrains an experiment's winner. It names its own --out: the default,
-    runs/<name>, is the experiment's folder when run where it ran, which `train` refuses to overwrite."""
+    """The command that retrains an experiment's winner, ready to paste. It names its own --out: the
+    default, runs/<name>, is the experiment's folder when run where it ran, which `train` refuses to
+    overwrite."""
     out = Path(out)
-    return f"fer-tune train {out / BEST_DIR / CONFIG_FILE} --out {out.parent / (out.name + '-again')}"
+    if out.name in ("", ".."):  # `.` or `..`: the folder's own name, for DIR-again beside it
+        out = out.resolve()
+    again = out.parent / f"{out.name}-again"
+    return f"fer-tune train {shlex.quote(str(out / BEST_DIR / CONFIG_FILE))} --out {shlex.quote(str(again))}"

@@ -90,3 +90,22 @@ def test_the_readme_layer_table_names_every_module_of_each_package():
         missing += [f"{package.name}/{m.stem}" for m in sorted(package.glob("*.py"))
                     if m.stem != "__init__" and f"`{m.stem}`" not in listed]
     assert not missing, f"modules the README's layer table does not name: {', '.join(missing)}"
+
+
+
+@pytest.mark.parametrize("where, cwd", [("runs/x", "."), ("my runs/x", "."), (".", "runs/x"), ("..", "runs/x/inner")])
+def test_the_rerun_command_names_a_new_folder_beside_the_experiment_and_pastes_as_is(where, cwd, tmp_path,
+                                                                                     monkeypatch):
+    """It goes into report.md and best/config.yaml's header, for `fer-tune report .` too, and a
+    folder name with a space must survive a paste into a shell."""
+    import shlex
+
+    from fer_tune.layout import rerun_command
+
+    experiment = tmp_path / ("my runs/x" if where == "my runs/x" else "runs/x")
+    (experiment / "inner").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / cwd)
+    command = shlex.split(rerun_command(Path(where)))
+    assert command[:2] == ["fer-tune", "train"] and command[3] == "--out" and len(command) == 5
+    assert Path(command[2]).resolve() == experiment / "best" / "config.yaml"
+    assert Path(command[4]).resolve() == experiment.parent / "x-again"

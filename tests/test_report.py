@@ -144,7 +144,7 @@ def test_the_report_names_the_gap_penalty_when_the_objective_pays_it():
 
 
 def test_the_parallel_coordinates_plot_draws_a_true_false_choice_as_two_categories(tmp_path):
-    """resnet50_fix.yaml searches `train.decay_norm_and_bias: {choice: [true, false]}`; read back
+    """resnet50_fix.yaml searches `train.decay_norm_and_bias: {choice: [false, true]}`; read back
     from trials.csv such a column is boolean, which numpy cannot subtract, and the whole report
     was lost to it (found on the P4 benchmark)."""
     import io

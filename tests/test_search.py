@@ -231,6 +231,8 @@ def test_the_rerun_command_a_search_prints_runs(searched):
     command = hint.split("(re-run: fer-tune ", 1)[1].rstrip(")").split()
     in_report = (out / "report" / "report.md").read_text().split("Re-run it: `fer-tune ", 1)[1].split("`")[0]
     assert in_report.split() == command  # report.md gives the same command
+    header = (out / "best" / "config.yaml").read_text().splitlines()[0]
+    assert header.split("`fer-tune ", 1)[1].split("`")[0].split() == command  # and so does the exported config
     again = Path(command[command.index("--out") + 1])
     assert again.resolve() != out.resolve()
     assert main(command) == 0

@@ -26,7 +26,8 @@ import torch
 from fer_tune import TASKS
 from fer_tune.errors import UserError, one_line
 from fer_tune.io import atomic_write, atomic_write_text, read_yaml
-from fer_tune.layout import CONFIG_FILE, DATA_FILE, MODEL_FILE, SPLITS_DIR, experiment_of, find_model
+from fer_tune.layout import (CONFIG_FILE, DATA_FILE, MODEL_FILE, SPLITS_DIR, experiment_of, find_model,
+                             rerun_command)
 from fer_tune.model import MultiTaskNet, create_model
 from fer_tune.spec import Spec, validate_spec
 from fer_tune.specfile import check_spec
@@ -61,7 +62,7 @@ def export_best(best_dir: Path, spec: Spec, weights: dict, labels: list[int]) ->
     """`best/config.yaml` (complete, no space: re-runnable as is) and `best/model.pt`."""
     spec = spec.with_values({})
     atomic_write_text(best_dir / CONFIG_FILE,
-                      f"# exported by fer-tune: `fer-tune train {best_dir / CONFIG_FILE}` re-runs it\n"
+                      f"# exported by fer-tune: `{rerun_command(best_dir.parent)}` re-runs it\n"
                       + spec.to_yaml())
     save_torch(best_dir / MODEL_FILE, {"model": weights, "labels": labels, "spec": spec.model_dump(mode="json")})
 
