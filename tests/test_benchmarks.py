@@ -198,7 +198,7 @@ def test_a_reused_experiment_whose_shipped_spec_has_changed_since_is_named_with_
            "(it differs in " in capsys.readouterr().out
 
 
-def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_exporting_one(tmp_path):
+def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_exporting_one(tmp_path, capsys):
     import argparse
     import json
 
@@ -219,6 +219,12 @@ def test_an_exported_winner_names_the_revisions_its_search_ran_at_not_the_export
     assert exported.startswith("# pretrained: the winner of benchmarks/real_data.py's imagenet arm (searched "
                                "2025-12-02 to 2025-12-03, fer-tune aaaaaaa, bbbbbbb).")
     assert yaml.safe_load(exported)["model"]["backbone"] == "mobilenetv2_100"
+    assert "exported " in capsys.readouterr().err
+    # exported again after every later search: an unchanged winner is neither rewritten nor announced
+    before = (tmp_path / "results" / "pretrained.yaml").stat().st_mtime_ns
+    real_data.export_winners(bench)
+    assert "exported" not in capsys.readouterr().err
+    assert (tmp_path / "results" / "pretrained.yaml").stat().st_mtime_ns == before
     # one piece that ran past midnight names both days
     (tmp_path / "walls.json").write_text(json.dumps({"pretrained": [
         {"started": day + 80_000, "seconds": 10_000.0, "revision": "ccccccc"}]}))
